@@ -1,0 +1,94 @@
+# Copyright 2026 The llava-trim authors. Licensed under the Apache License, Version 2.0.
+"""Configuration of LLaVA-1.5 with TRIM (Token Reduction using CLIP Metric, arXiv 2409.10994)."""
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, LlavaConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+@strict
+class LlavaTrimConfig(LlavaConfig):
+    r"""
+    Configuration of [`LlavaTrimForConditionalGeneration`]: a LLaVA-1.5 model (CLIP vision tower, two-layer MLP
+    projector, Llama decoder) plus the CLIP text tower and CLIP's two projections that TRIM uses to score image
+    patches against the question. All LLaVA fields keep the names of [`~transformers.LlavaConfig`].
+
+    Args:
+        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
+            The CLIP vision tower (ViT-L/14 at 336 px by default: 576 patch tokens).
+        text_config (`dict` or `LlamaConfig`, *optional*):
+            The language model.
+        clip_text_config (`dict` or `CLIPTextConfig`, *optional*):
+            The CLIP text tower that embeds the question for TRIM's scores.
+        projection_dim (`int`, *optional*, defaults to 768):
+            Width of CLIP's joint image-text space (`visual_projection` and `text_projection` outputs).
+        trim_ratio (`float`, *optional*, defaults to -1):
+            `-1`: keep the IQR outliers of the patch scores (the paper's automatic mode); a float in `(0, 1]`: keep
+            that fraction of the patches (`floor(N * trim_ratio)` tokens); `None`: no reduction (plain LLaVA-1.5).
+        trim_iqr_multiplier (`float`, *optional*, defaults to 1.5):
+            The `k` of the outlier rule `p_i > Q3 + k * (Q3 - Q1)`; must be `>= 0`.
+        trim_scope (`str`, *optional*, defaults to `"image"`):
+            Where the automatic threshold is computed: `"image"` (one threshold per image, batch-invariant) or
+            `"batch"` (one threshold over the whole batch and the same count in every image, as the reference code).
+
+    Example:
+
+    ```python
+    >>> from configuration_llava_trim import LlavaTrimConfig
+    >>> config = LlavaTrimConfig(trim_ratio=0.25)
+    >>> config.image_seq_length, config.trim_ratio
+    (576, 0.25)
+    ```
+    """
+
+    model_type = "llava_trim"
+    _auto_class = "AutoConfig"
+
+    sub_configs_defaults = {
+        **LlavaConfig.sub_configs_defaults,
+        "clip_text_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="clip_text_model",
+            init_kwargs={
+                "vocab_size": 49408,
+                "hidden_size": 768,
+                "intermediate_size": 3072,
+                "num_hidden_layers": 12,
+                "num_attention_heads": 12,
+                "max_position_embeddings": 77,
+                "projection_dim": 768,
+            },
+        ),
+    }
+
+    clip_text_config: dict | PreTrainedConfig | None = None
+    projection_dim: int = 768
+    trim_ratio: float | int | None = -1
+    trim_iqr_multiplier: float | int = 1.5
+    trim_scope: Literal["image", "batch"] = "image"
+
+    def validate_trim(self):
+        """Part of `@strict` validation: TRIM's fields must name a mode that exists."""
+        check_trim_ratio(self.trim_ratio)
+        if isinstance(self.trim_iqr_multiplier, bool) or not self.trim_iqr_multiplier >= 0:
+            raise ValueError(
+                f"`trim_iqr_multiplier` must be a number >= 0 (1.5 in the paper), got {self.trim_iqr_multiplier!r}."
+            )
+        if self.trim_scope not in ("image", "batch"):
+            raise ValueError(f"`trim_scope` must be 'image' or 'batch', got {self.trim_scope!r}.")
+
+
+def check_trim_ratio(trim_ratio: float | int | None) -> None:
+    """Raise a `ValueError` unless `trim_ratio` is `None` (off), `-1` (auto) or a float in `(0, 1]` (fixed)."""
+    if trim_ratio is None or (not isinstance(trim_ratio, bool) and trim_ratio == -1):
+        return
+    if isinstance(trim_ratio, bool) or not isinstance(trim_ratio, (int, float)) or not 0 < trim_ratio <= 1:
+        raise ValueError(
+            f"`trim_ratio` must be None (TRIM off), -1 (automatic IQR selection) or a fraction in (0, 1] of the "
+            f"image tokens to keep, got {trim_ratio!r}."
+        )
+
+
+__all__ = ["LlavaTrimConfig"]

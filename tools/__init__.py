@@ -1,0 +1,1 @@
+"""Tools around the model repository: tiny offline checkpoints, the demo, fine-tuning, visualisation, evaluation."""
