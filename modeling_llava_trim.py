@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
 from transformers.modeling_utils import slice_logits_to_keep
@@ -79,7 +78,9 @@ def trim_keep_mask(
         num_keep = math.floor(num_patches * trim_ratio)
     # rank 0 = largest probability; ties go to the lower patch index
     order = probs.argsort(dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(num_patches, device=probs.device).expand_as(order))
+    ranks = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(num_patches, device=probs.device).expand_as(order)
+    )
     return ranks < num_keep
 
 
@@ -108,8 +109,11 @@ def trim_image_tokens(
         `(num_images, N)` boolean mask.
     """
     keep = trim_keep_mask(probs, trim_ratio, iqr_multiplier, scope)  # (num_images, N)
-    pruned = (~keep).unsqueeze(-1).to(torch.float32)  # (num_images, N, 1)
-    aggregate = (image_features.float() * pruned).sum(dim=1) / pruned.sum(dim=1).clamp(min=1)  # (num_images, Dv)
+    accumulate = torch.promote_types(image_features.dtype, torch.float32)  # at least float32 for the mean
+    pruned = (~keep).unsqueeze(-1).to(accumulate)  # (num_images, N, 1)
+    aggregate = (image_features.to(accumulate) * pruned).sum(dim=1) / pruned.sum(dim=1).clamp(
+        min=1
+    )  # (num_images, Dv)
     # (num_images, N + 1, Dv) with the aggregate appended, and the matching mask: boolean indexing then packs every
     # image's kept tokens in patch order, followed by its aggregate token
     extended = torch.cat([image_features, aggregate.to(image_features.dtype).unsqueeze(1)], dim=1)
@@ -141,19 +145,21 @@ def compact_image_runs(
     pad_token_id: int = 0,
     labels: torch.LongTensor | None = None,
 ) -> CompactedSequence:
-    """Shorten every run of `image_seq_length` placeholders to `tokens_per_image[image]` placeholders.
+    """Resize every run of `image_seq_length` placeholders to `tokens_per_image[image]` placeholders.
 
-    Images are numbered in order of appearance over the flattened batch (row after row), like `pixel_values`. Padding
-    is dropped and the batch re-padded on the side it came padded from (left when it had no padding).
+    Images are numbered in order of appearance over the flattened batch (row after row), like `pixel_values`. A run
+    usually shrinks (`|K| + 1 < 576`) and grows by one when every patch is kept (576 tokens plus the aggregate).
+    Padding is dropped and the batch re-padded on the side it came padded from (left when it had no padding).
 
     Args:
-        input_ids (`torch.LongTensor` of shape `(batch, length)`): prompts with `image_seq_length` placeholders per image.
+        input_ids (`torch.LongTensor` of shape `(batch, length)`): `image_seq_length` placeholders per image.
         attention_mask (`torch.Tensor` of shape `(batch, length)`, *optional*): 1 on real tokens, 0 on padding.
-        tokens_per_image (`torch.LongTensor` of shape `(num_images,)`): positions each image keeps.
+        tokens_per_image (`torch.LongTensor` of shape `(num_images,)`): positions each image takes, at most
+            `image_seq_length + 1`.
         image_token_id (`int`): the placeholder token id.
         image_seq_length (`int`): placeholders per image in `input_ids`.
         pad_token_id (`int`): filler for new padding positions.
-        labels (`torch.LongTensor` of shape `(batch, length)`, *optional*): compacted alongside, -100 on image positions.
+        labels (`torch.LongTensor` of shape `(batch, length)`, *optional*): compacted alongside, -100 on images.
     """
     batch_size, length = input_ids.shape
     if attention_mask is None:
@@ -161,28 +167,39 @@ def compact_image_runs(
     is_image = input_ids == image_token_id  # (batch, length)
     # index of every placeholder among all placeholders of the batch, row after row
     placeholder_rank = is_image.flatten().cumsum(0).view(batch_size, length) - 1
-    image_index = (placeholder_rank // image_seq_length).clamp(max=tokens_per_image.shape[0] - 1)
+    image_index = (placeholder_rank // image_seq_length).clamp(0, tokens_per_image.shape[0])
     index_in_run = placeholder_rank % image_seq_length
-    keep = attention_mask.bool() & ~(is_image & (index_in_run >= tokens_per_image[image_index]))
+    # how many output positions each input token becomes: text 1, padding 0, the j-th placeholder of a run 1 while
+    # j < tokens_per_image, and the run's last placeholder also carries any excess (tokens_per_image - S + 1);
+    # the spare last entry only serves text positions past the last image
+    run_target = torch.cat([tokens_per_image, tokens_per_image.new_zeros(1)])[image_index]
+    placeholder_copies = torch.where(
+        index_in_run == image_seq_length - 1,
+        (run_target - image_seq_length + 1).clamp(min=0),
+        (index_in_run < run_target).long(),
+    )
+    copies = torch.where(is_image, placeholder_copies, torch.ones_like(placeholder_copies))
+    copies = copies * attention_mask.bool()  # (batch, length)
 
-    new_lengths = keep.sum(dim=1)  # (batch,)
+    new_lengths = copies.sum(dim=1)  # (batch,)
     new_length = int(new_lengths.max())
     pad_left = bool((attention_mask[:, 0] == 0).any()) or not bool((attention_mask[:, -1] == 0).any())
-    destination = keep.cumsum(dim=1) - 1  # position of each kept token among its row's kept tokens
+    flat_copies = copies.flatten()
+    rows = torch.arange(batch_size, device=input_ids.device).repeat_interleave(new_lengths)  # (total,)
+    row_starts = new_lengths.cumsum(0) - new_lengths
+    destination = torch.arange(rows.shape[0], device=input_ids.device) - row_starts[rows]
     if pad_left:
-        destination = destination + (new_length - new_lengths).unsqueeze(1)
-    rows = torch.arange(batch_size, device=input_ids.device).unsqueeze(1).expand_as(keep)
-    rows, destination = rows[keep], destination[keep]
+        destination = destination + (new_length - new_lengths)[rows]
 
     new_input_ids = input_ids.new_full((batch_size, new_length), pad_token_id)
-    new_input_ids[rows, destination] = input_ids[keep]
+    new_input_ids[rows, destination] = input_ids.flatten().repeat_interleave(flat_copies)
     new_attention_mask = attention_mask.new_zeros((batch_size, new_length))
     new_attention_mask[rows, destination] = 1
     position_ids = (new_attention_mask.long().cumsum(dim=1) - 1).masked_fill(new_attention_mask == 0, 0)
     new_labels = None
     if labels is not None:
         new_labels = labels.new_full((batch_size, new_length), -100)
-        new_labels[rows, destination] = labels[keep]
+        new_labels[rows, destination] = labels.flatten().repeat_interleave(flat_copies)
         new_labels = new_labels.masked_fill(new_input_ids == image_token_id, -100)
     return CompactedSequence(new_input_ids, new_attention_mask, position_ids, new_labels)
 
@@ -409,7 +426,9 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
         sequence holds `|K| + 1` per image (unchanged when TRIM is off) with the projected image tokens in place.
         """
         if input_ids is None:
-            raise ValueError("Images need `input_ids` holding their placeholder tokens; `inputs_embeds` cannot mark them.")
+            raise ValueError(
+                "Images need `input_ids` holding their placeholder tokens; `inputs_embeds` cannot mark them."
+            )
         num_images = pixel_values.shape[0]
         seq_length = self.config.image_seq_length
         placeholders_per_row = (input_ids == self.config.image_token_id).sum(dim=1).tolist()
@@ -515,6 +534,9 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
         self.model = LlavaTrimModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        # LLaVA-1.5 trains the projector and the language model; the CLIP towers stay as CLIP made them
+        self.model.vision_tower.requires_grad_(False)
+        self.model.trim_scorer.requires_grad_(False)
 
     def select_image_tokens(
         self,
@@ -548,8 +570,9 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
     ) -> LlavaTrimCausalLMOutputWithPast:
         """Like [`LlavaForConditionalGeneration.forward`], with TRIM.
 
-        With `pixel_values`, `logits` follow the compacted sequence (`compacted_input_ids`), and `labels` (aligned with
-        the caller's `input_ids`) are compacted alongside (`compacted_labels`, -100 on image positions) before the loss.
+        With `pixel_values`, `logits` follow the compacted sequence (`compacted_input_ids`), and `labels` (aligned
+        with the caller's `input_ids`) are compacted alongside (`compacted_labels`, -100 on image positions) before
+        the loss.
         """
         trimmed = None
         if pixel_values is not None:
