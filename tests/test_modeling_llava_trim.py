@@ -521,3 +521,24 @@ def test_compaction_pads_on_the_side_it_came_from():
     left = compact_image_runs(left_ids, (left_ids != 0).long(), torch.tensor([1, 2]), 9, 3)
     assert left.input_ids.tolist() == [[0, 0, 0, 5, 9, 6], [4, 9, 9, 6, 7, 8]]
     assert left.position_ids.tolist() == [[0, 0, 0, 0, 1, 2], [0, 1, 2, 3, 4, 5]]
+
+
+def test_defaults_for_device_maps_and_attention(model):
+    assert model.config._attn_implementation == "sdpa"
+    assert model.model.language_model.config._attn_implementation == "sdpa"
+    assert {"LlamaDecoderLayer", "CLIPEncoderLayer"} <= set(model._no_split_modules)
+
+
+def test_beam_search_and_several_return_sequences_keep_the_callers_prompt(model):
+    input_ids, attention_mask = batch([prompt(4, 1, 4, seed=71), prompt(2, 1, 1, seed=72)])
+    trim_ids, trim_mask = questions(2)
+    kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixels(2),
+        trim_input_ids=trim_ids,
+        trim_attention_mask=trim_mask,
+    )
+    out = model.generate(**kwargs, max_new_tokens=4, num_beams=2, num_return_sequences=2)
+    assert out.shape[0] == 4
+    assert torch.equal(out[:, : input_ids.shape[1]], input_ids.repeat_interleave(2, dim=0))

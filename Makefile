@@ -1,0 +1,31 @@
+# Quick start: `make demo` (convert a tiny offline checkpoint and run the pipeline), `make test` (the test suite).
+# A fresh machine needs only Python 3.10+: the first target run creates $(VENV) and installs everything.
+# TORCH picks the PyTorch build: the default is a CPU wheel; use e.g. `make demo TORCH=torch` for your CUDA build.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: install
+	$(BIN)/python -m llava_trim.tools.demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
