@@ -27,10 +27,10 @@ from pathlib import Path
 # Vocabulary sizes and special-token ids of the tiny tokenizers (asserted when they are built).
 LLAMA_VOCAB_SIZE = 1000
 LLAMA_UNK_ID, LLAMA_BOS_ID, LLAMA_EOS_ID = 0, 1, 2
-CLIP_NUM_MERGES = 510
-CLIP_VOCAB_SIZE = 512 + CLIP_NUM_MERGES + 2  # byte symbols (+ `</w>` forms), merges, the two special tokens: 1024
-CLIP_BOS_ID = CLIP_VOCAB_SIZE - 2  # <|startoftext|>: 1022
-CLIP_EOS_ID = CLIP_VOCAB_SIZE - 1  # <|endoftext|>: 1023 (also CLIP's pad and unk token, as in the real one)
+CLIP_NUM_MERGES = 486
+CLIP_VOCAB_SIZE = 512 + CLIP_NUM_MERGES + 2  # byte symbols (+ `</w>` forms), merges, the two special tokens: 1000
+CLIP_BOS_ID = CLIP_VOCAB_SIZE - 2  # <|startoftext|>: 998
+CLIP_EOS_ID = CLIP_VOCAB_SIZE - 1  # <|endoftext|>: 999 (also CLIP's pad and unk token, as in the real one)
 CLIP_PAD_ID = CLIP_EOS_ID
 CLIP_MAX_LENGTH = 77
 
@@ -234,14 +234,14 @@ def build_clip_tokenizer(save_dir: str | Path, num_merges: int = CLIP_NUM_MERGES
     Build a tiny CLIP tokenizer (byte-level BPE, `</w>` word ends) and write it like `openai/clip-vit-large-patch14`.
 
     The vocabulary is laid out as CLIP's: the 256 byte symbols, the same with `</w>`, one entry per merge, then
-    `<|startoftext|>` (bos) and `<|endoftext|>` (eos, also pad and unk). With the defaults: 1024 tokens, bos id 1022,
-    eos id = pad id = 1023 (a tiny CLIP text config must use `eos_token_id=1023`: CLIP pools at the eos token).
+    `<|startoftext|>` (bos) and `<|endoftext|>` (eos, also pad and unk). With the defaults: 1000 tokens, bos id 998,
+    eos id = pad id = 999 (a tiny CLIP text config must use `eos_token_id=999`: CLIP pools at the eos token).
     Files: `vocab.json`, `merges.txt`, `tokenizer_config.json` (`CLIPTokenizer`, lowercasing, `model_max_length=77`),
     `special_tokens_map.json`. Load it with `CLIPTokenizer.from_pretrained(save_dir)` or `AutoTokenizer`.
 
     Args:
         save_dir (`str` or `Path`): Folder to write (created if missing).
-        num_merges (`int`, *optional*, defaults to 510): Number of BPE merges to learn from the built-in corpus.
+        num_merges (`int`, *optional*, defaults to 486): Number of BPE merges to learn from the built-in corpus.
 
     Returns:
         `Path`: `save_dir`.
@@ -329,8 +329,52 @@ def build_clip_image_processor(save_dir: str | Path | None = None):
     return image_processor
 
 
+# Ids of the tokens `build_tiny_processor` adds after the 1000 sentencepiece pieces (as llava-hf adds them at 32000+).
+LLAMA_IMAGE_TOKEN_ID = LLAMA_VOCAB_SIZE  # <image>: 1000
+LLAMA_PAD_ID = LLAMA_VOCAB_SIZE + 1  # <pad>: 1001
+
+
+def build_tiny_processor(save_dir: str | Path | None = None, image_seq_length: int = 576):
+    """
+    A complete tiny `LlavaTrimProcessor`: the tiny Llama tokenizer with `<image>` (id 1000) and `<pad>` (id 1001)
+    added as special tokens (the language model's vocab_size is then 1002), the tiny CLIP tokenizer (1000 tokens, bos
+    998, eos = pad 999) and the 336 px CLIP image processor, with LLaVA-1.5's chat template.
+
+    Args:
+        save_dir (`str` or `Path`, *optional*): Where to `save_pretrained` the processor (with its code and
+            `auto_map`, so `AutoProcessor.from_pretrained(save_dir, trust_remote_code=True)` loads it).
+        image_seq_length (`int`, *optional*, defaults to 576): Placeholders per image.
+
+    Returns:
+        `LlavaTrimProcessor`.
+    """
+    import tempfile
+
+    from transformers import AddedToken, AutoTokenizer
+
+    from ..processing_llava_trim import LlavaTrimProcessor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(build_llama_tokenizer(Path(tmp) / "llama"))
+        clip_tokenizer = AutoTokenizer.from_pretrained(build_clip_tokenizer(Path(tmp) / "clip"))
+    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": AddedToken("<pad>", special=True, normalized=False)})
+    if tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) != [LLAMA_IMAGE_TOKEN_ID, LLAMA_PAD_ID]:
+        raise RuntimeError("Unexpected ids for the added <image> / <pad> tokens.")
+    tokenizer.padding_side = "left"
+    processor = LlavaTrimProcessor(
+        image_processor=build_clip_image_processor(),
+        tokenizer=tokenizer,
+        clip_tokenizer=clip_tokenizer,
+        image_seq_length=image_seq_length,
+    )
+    if save_dir is not None:
+        processor.save_pretrained(save_dir)
+    return processor
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
 
 
-__all__ = ["build_clip_image_processor", "build_clip_tokenizer", "build_llama_tokenizer"]
+__all__ = ["build_clip_image_processor", "build_clip_tokenizer", "build_llama_tokenizer", "build_tiny_processor"]

@@ -1,0 +1,467 @@
+"""Tests of `llava_trim.tools.evaluate`: metrics on hand-checked cases, LLaVA answer files, resuming."""
+
+import json
+
+import pytest
+from PIL import Image, ImageDraw
+
+import llava_trim.tools.evaluate as evaluate_module
+from llava_trim.tools.evaluate import (
+    AnswerFile,
+    Setting,
+    build_prompt,
+    load_ground_truth,
+    load_model_and_processor,
+    load_questions,
+    main,
+    new_answer_id,
+    normalize_answer,
+    parse_setting,
+    parse_yes_no,
+    summarize_setting,
+    vqa_accuracy,
+    yes_no_metrics,
+)
+from llava_trim.tools.tiny import tiny_model
+from llava_trim.tools.tiny_tokenizers import build_tiny_processor
+
+ANSWER_KEYS = ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]  # LLaVA's order
+SHORT = "\nAnswer the question using a single word or phrase."
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Metrics, hand-checked
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The Two dogs.", "2 dogs"),
+        ("Yes.", "yes"),
+        ("  A RED   apple! ", "red apple"),
+        ("an apple, a pear", "apple pear"),
+        ("1,000 people", "1000 people"),
+        ("3.5 meters.", "3.5 meters"),
+        ("It's Ten o'clock", "its 10 oclock"),
+        ("red-white", "red white"),
+        ("zero", "0"),
+        ("theater", "theater"),  # articles only as whole words
+    ],
+)
+def test_normalize_answer(text, expected):
+    assert normalize_answer(text) == expected
+
+
+def test_vqa_accuracy_single_answer():
+    assert vqa_accuracy("Two.", "2") == 1.0
+    assert vqa_accuracy("The cat", "cat") == 1.0
+    assert vqa_accuracy("cats", "cat") == 0.0
+
+
+def test_vqa_accuracy_ten_annotators():
+    # each leave-one-out subset scores min(1, matches / 3); the score is their mean
+    three = ["two"] * 3 + ["three"] * 7  # matching left out: 2/3 (x3); other left out: 1 (x7) -> 0.9
+    assert vqa_accuracy("2", three) == pytest.approx(0.9)
+    two = ["2", "2"] + ["1"] * 8  # (2 * 1/3 + 8 * 2/3) / 10 = 0.6
+    assert vqa_accuracy("Two", two) == pytest.approx(0.6)
+    assert vqa_accuracy("2", ["2"] * 4 + ["1"] * 6) == 1.0
+    assert vqa_accuracy("5", two) == 0.0
+    assert vqa_accuracy("2", ["2"]) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Yes", "yes"),
+        ("Yes, there is a dog in the image.", "yes"),
+        ("No.", "no"),
+        ("NO", "no"),
+        ("There is not a dog. No doubt about the cat.", "no"),
+        ("The image shows a cat. There is no dog.", "yes"),  # only the first sentence counts, as LLaVA's scorer
+        ("I think so", "yes"),
+    ],
+)
+def test_parse_yes_no(text, expected):
+    assert parse_yes_no(text) == expected
+
+
+def test_yes_no_metrics_hand_checked():
+    predictions = ["Yes", "Yes.", "No", "no, it is not", "yes"]
+    labels = ["yes", "no", "no", "yes", "Yes"]
+    metrics = yes_no_metrics(predictions, labels)  # TP 2 (0, 4), FP 1 (1), TN 1 (2), FN 1 (3)
+    assert (metrics["tp"], metrics["fp"], metrics["tn"], metrics["fn"]) == (2, 1, 1, 1)
+    assert metrics["accuracy"] == pytest.approx(3 / 5)
+    assert metrics["precision"] == pytest.approx(2 / 3)
+    assert metrics["recall"] == pytest.approx(2 / 3)
+    assert metrics["f1"] == pytest.approx(2 / 3)
+    assert metrics["yes_ratio"] == pytest.approx(3 / 5)
+    none_yes = yes_no_metrics(["no", "no"], ["yes", "no"])
+    assert none_yes["precision"] == 0.0 and none_yes["f1"] == 0.0 and none_yes["accuracy"] == 0.5
+
+
+def test_parse_setting():
+    assert parse_setting("off") == Setting("off", None)
+    assert parse_setting("AUTO") == Setting("auto", -1)
+    assert parse_setting("0.10") == Setting("0.1", 0.1)
+    assert parse_setting("1") == Setting("1", 1.0)
+    for bad in ("0", "1.5", "-0.2", "half"):
+        with pytest.raises(ValueError, match="'off', 'auto' or a keep ratio"):
+            parse_setting(bad)
+
+
+def test_answer_ids_look_like_shortuuid():
+    ids = {new_answer_id() for _ in range(500)}
+    assert len(ids) == 500
+    assert all(len(answer_id) == 22 and answer_id.isalnum() and not set(answer_id) & set("01IOl") for answer_id in ids)
+
+
+def record(question_id, prompt, text, **metadata):
+    return {
+        "question_id": question_id,
+        "prompt": prompt,
+        "text": text,
+        "answer_id": new_answer_id(),
+        "model_id": "tiny",
+        "metadata": {"setting": "auto", **metadata},
+    }
+
+
+def test_summarize_setting_hand_checked():
+    questions = [
+        {"question_id": 1, "image": "a.png", "text": "Is there a dog?", "category": "random"},
+        {"question_id": 2, "image": "a.png", "text": "Is there a cat?", "category": "random"},
+        {"question_id": 3, "image": "b.png", "text": "Is there a cow?", "category": "popular"},
+        {"question_id": 4, "image": "b.png", "text": "How many cows?"},
+        {"question_id": 5, "image": "c.png", "text": "What colour?"},
+        {"question_id": 6, "image": "c.png", "text": "Unanswered"},
+    ]
+    truths = ["yes", "no", "no", ["two"] * 3 + ["three"] * 7, None, "x"]
+    timing = {"batch_size": 2, "batch_seconds": 1.0, "ttft_seconds": 0.25, "num_patches": 576}
+    records = [
+        record(1, "Is there a dog?", "Yes, there is.", num_kept=100, image_tokens=101, num_new_tokens=4, **timing),
+        record(2, "Is there a cat?", "Yes", num_kept=50, image_tokens=51, num_new_tokens=2, **timing),
+        record(3, "Is there a cow?", "No", num_kept=30, image_tokens=31, num_new_tokens=2, **timing),
+        record(4, "How many cows?", "2", num_kept=20, image_tokens=21, num_new_tokens=2, **timing),
+        record(5, "What colour?", "red", num_kept=0, image_tokens=1, num_new_tokens=2, **timing),
+        record(99, "not a question of this file", "ignored", num_kept=576, image_tokens=577, num_new_tokens=9),
+    ]
+    summary = summarize_setting(Setting("auto", -1), questions, records, truths)
+    assert summary["num_questions"] == 6 and summary["num_answered"] == 5
+    # exact match: q1 "yes, there is" != "yes" (0), q2 0, q3 1, q4 0.9; q5 has no ground truth
+    assert summary["num_scored"] == 4
+    assert summary["accuracy"] == pytest.approx((0 + 0 + 1 + 0.9) / 4)
+    assert summary["accuracy_by_category"] == {"popular": 1.0, "random": 0.0}
+    yes_no = summary["yes_no"]  # q1 TP, q2 FP, q3 TN
+    assert (yes_no["tp"], yes_no["fp"], yes_no["tn"], yes_no["fn"]) == (1, 1, 1, 0)
+    assert yes_no["accuracy"] == pytest.approx(2 / 3) and yes_no["f1"] == pytest.approx(2 / 3)
+    assert summary["yes_no_by_category"]["random"]["accuracy"] == 0.5
+    kept = summary["kept_tokens"]
+    assert kept["mean"] == pytest.approx(40.0) and kept["min"] == 0 and kept["max"] == 100 and kept["median"] == 30
+    assert sum(kept["histogram"]["counts"]) == 5 and kept["histogram"]["bin_edges"][-1] == 576
+    assert summary["image_tokens_mean"] == pytest.approx(41.0)
+    timing_summary = summary["timing"]
+    assert timing_summary["seconds_per_question"] == pytest.approx(0.5)
+    assert timing_summary["questions_per_second"] == pytest.approx(2.0)
+    assert timing_summary["new_tokens_per_second"] == pytest.approx(12 / 2.5)
+    assert timing_summary["ttft_mean_s"] == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_load_questions_checks_fields(tmp_path):
+    good = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "image": "a.png", "text": "Hi?"}])
+    assert load_questions(good)[0]["text"] == "Hi?"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question_id": 1, "text": "Hi?"}])
+    with pytest.raises(ValueError, match="question 1 lacks image"):
+        load_questions(bad)
+    (tmp_path / "broken.jsonl").write_text('{"question_id": 1,\n')
+    with pytest.raises(ValueError, match="line 1: not valid JSON"):
+        load_questions(tmp_path / "broken.jsonl")
+
+
+def test_ground_truth_from_pope_textvqa_and_gqa_style_files(tmp_path):
+    questions = [
+        {
+            "question_id": 10,
+            "image": "COCO_1.jpg",
+            "text": "Is there a dog in the image?" + SHORT,
+            "category": "random",
+        },
+        {"question_id": 11, "image": "COCO_2.jpg", "text": "Is there a dog in the image?" + SHORT},
+        {"question_id": "abc", "image": "train/abc.jpg", "text": "what brand is it?\nReference OCR token: x" + SHORT},
+        {"question_id": 20, "image": "n1.jpg", "text": "Is the sky dark?" + SHORT},
+        {"question_id": 30, "image": "x.jpg", "text": "Inline?", "answer": "inline"},
+        {"question_id": 40, "image": "y.jpg", "text": "By id?"},
+        {"question_id": 50, "image": "y.jpg", "text": "Unknown?"},
+    ]
+    # POPE: different question ids, matched by image and question text
+    pope = write_jsonl(
+        tmp_path / "coco_pope_random.json",
+        [
+            {"question_id": 1, "image": "COCO_1.jpg", "text": "Is there a dog in the image?", "label": "yes"},
+            {"question_id": 2, "image": "COCO_2.jpg", "text": "Is there a dog in the image?", "label": "no"},
+        ],
+    )
+    textvqa = tmp_path / "TextVQA_0.5.1_val.json"
+    textvqa.write_text(
+        json.dumps({"data": [{"image_id": "abc", "question": "What brand is it?", "answers": ["x"] * 10}]})
+    )
+    gqa = tmp_path / "testdev_balanced_questions.json"
+    gqa.write_text(json.dumps({"20": {"imageId": "n1", "question": "Is the sky dark?", "answer": "no"}}))
+    vqav2 = tmp_path / "vqav2.json"  # no question text in the record: matched by question id
+    vqav2.write_text(json.dumps({"annotations": [{"question_id": 40, "image_id": 7, "answers": [{"answer": "z"}]}]}))
+
+    truths = load_ground_truth([pope, textvqa, gqa, vqav2], questions)
+    assert truths == ["yes", "no", ["x"] * 10, "no", "inline", ["z"], None]
+
+
+def test_answer_file_repairs_an_interrupted_line_and_counts_repeats(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    first, second = record(1, "q", "a"), record(1, "q", "b")  # the same question asked twice
+    path.write_text(json.dumps(first) + "\n" + json.dumps(second) + "\n" + '{"question_id": 2, "pro')
+    answers = AnswerFile(path)
+    assert [r["text"] for r in answers.records] == ["a", "b"]
+    assert path.read_text().endswith("}\n")  # the cut line is gone
+    questions = [{"question_id": 1, "text": "q"}] * 3 + [
+        {"question_id": 2, "text": "q"},
+        {"question_id": 1, "text": "r"},
+    ]
+    assert answers.pending(questions) == questions[2:]
+    answers.write(record(2, "q", "c"))
+    answers.close()
+    assert [json.loads(line)["text"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+
+    path.write_text(json.dumps(first) + "\nnot json\n" + json.dumps(second) + "\n")
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        AnswerFile(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end on a drawn mini dataset with a tiny model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llava-trim")
+    build_tiny_processor(folder)
+    tiny_model(seed=0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Three drawn pictures (not square) and five questions: colours, POPE-style yes/no, a count with 10 answers."""
+    root = tmp_path_factory.mktemp("shapes")
+    (root / "images" / "val").mkdir(parents=True)
+    shapes = {
+        "red_circle.png": ((300, 200), "ellipse", (220, 40, 40)),
+        "blue_square.png": ((200, 300), "rectangle", (40, 60, 220)),
+        "green_triangle.png": ((256, 256), "polygon", (40, 180, 60)),
+    }
+    for name, (size, shape, colour) in shapes.items():
+        image = Image.new("RGB", size, (245, 245, 245))
+        draw = ImageDraw.Draw(image)
+        if shape == "polygon":
+            draw.polygon([(128, 30), (30, 220), (226, 220)], fill=colour)
+        else:
+            getattr(draw, shape)((40, 40, size[0] - 40, size[1] - 40), fill=colour)
+        image.save(root / "images" / "val" / name)
+    questions = [
+        {
+            "question_id": 0,
+            "image": "val/red_circle.png",
+            "text": "What colour is the shape?" + SHORT,
+            "answer": "Red",
+        },
+        {
+            "question_id": 1,
+            "image": "val/red_circle.png",
+            "text": "Is there a circle in the image?" + SHORT,
+            "answer": "yes",
+            "category": "random",
+        },
+        {
+            "question_id": 2,
+            "image": "val/blue_square.png",
+            "text": "Is there a circle in the image?" + SHORT,
+            "answer": "no",
+            "category": "adversarial",
+        },
+        {
+            "question_id": "tri-3",
+            "image": "val/green_triangle.png",
+            "text": "How many triangles are there?" + SHORT,
+            "answers": ["one"] * 6 + ["1"] * 3 + ["2"],
+        },
+        {"question_id": 4, "image": "val/blue_square.png", "text": "Describe the picture."},
+    ]
+    write_jsonl(root / "questions.jsonl", questions)
+    return root, questions
+
+
+def cli_args(model_dir, dataset, output_dir, settings, batch_size=2):
+    root, _ = dataset
+    return [
+        "--model",
+        str(model_dir),
+        "--questions",
+        str(root / "questions.jsonl"),
+        "--image-folder",
+        str(root / "images"),
+        "--output-dir",
+        str(output_dir),
+        "--settings",
+        *settings,
+        "--batch-size",
+        str(batch_size),
+        "--max-new-tokens",
+        "3",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_evaluate_writes_llava_answer_files_and_a_summary(model_dir, dataset, tmp_path, capsys):
+    root, questions = dataset
+    output = tmp_path / "run"
+    assert main(cli_args(model_dir, dataset, output, ["off", "auto", "0.1"], batch_size=3)) == 0
+    table = capsys.readouterr().out
+    assert "setting" in table and "auto" in table
+
+    summary = json.loads((output / "summary.json").read_text())
+    assert [s["setting"] for s in summary["settings"]] == ["off", "auto", "0.1"]
+    assert (output / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # what the model's own selection keeps for each question, one image at a time
+    model, processor = load_model_and_processor(str(model_dir), device="cpu")
+    images = [Image.open(root / "images" / question["image"]) for question in questions]
+    prompts = [build_prompt(processor, question["text"]) for question in questions]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    auto_kept = model.select_image_tokens(**inputs, trim_ratio=-1).num_kept.tolist()  # per-image: batch-invariant
+    assert len(set(auto_kept)) > 1
+    for setting_summary in summary["settings"]:
+        name = setting_summary["setting"]
+        answers = read_jsonl(output / f"answers_{name}.jsonl")
+        # LLaVA's answer-file format, one line per question, in question order
+        assert [list(answer) for answer in answers] == [ANSWER_KEYS] * len(questions)
+        assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions]
+        assert [a["prompt"] for a in answers] == [q["text"] for q in questions]
+        assert all(isinstance(a["text"], str) and a["model_id"] == model_dir.name for a in answers)
+        assert len({a["answer_id"] for a in answers}) == len(answers)
+
+        kept = [a["metadata"]["num_kept"] for a in answers]
+        image_tokens = [a["metadata"]["image_tokens"] for a in answers]
+        if name == "off":
+            assert kept == [576] * 5 and image_tokens == [576] * 5
+        elif name == "0.1":
+            assert kept == [57] * 5 and image_tokens == [58] * 5
+        else:
+            assert kept == auto_kept and image_tokens == [count + 1 for count in auto_kept]
+        assert setting_summary["kept_tokens"]["mean"] == pytest.approx(sum(kept) / 5)
+
+        # accuracy recomputed from the answer file: 4 questions have ground truth, 2 of them yes/no
+        truths = ["Red", "yes", "no", questions[3]["answers"]]
+        expected = sum(vqa_accuracy(a["text"], t) for a, t in zip(answers, truths, strict=False)) / 4
+        assert setting_summary["num_answered"] == 5 and setting_summary["num_scored"] == 4
+        assert setting_summary["accuracy"] == pytest.approx(expected)
+        assert setting_summary["yes_no"]["num_questions"] == 2
+        assert set(setting_summary["yes_no_by_category"]) == {"adversarial", "random"}
+        timing = setting_summary["timing"]
+        metadata = [a["metadata"] for a in answers]
+        assert [m["batch_size"] for m in metadata] == [3, 3, 3, 2, 2]
+        assert all(0 < m["ttft_seconds"] <= m["batch_seconds"] for m in metadata)
+        total_seconds = metadata[0]["batch_seconds"] + metadata[3]["batch_seconds"]
+        assert timing["seconds_per_question"] == pytest.approx(total_seconds / 5)
+        assert timing["questions_per_second"] > 0 and 1 <= timing["mean_new_tokens"] <= 3
+
+
+def test_metrics_on_hand_written_answers_without_loading_the_model(model_dir, dataset, tmp_path, monkeypatch):
+    _, questions = dataset
+    output = tmp_path / "given"
+    output.mkdir()
+    texts = ["Red.", "No", "No.", "One", "A red circle."]  # exact match: 1, 0, 1, 1 (see below); q4 has no truth
+    rows = [record(q["question_id"], q["text"], t) for q, t in zip(questions, texts, strict=True)]
+    for row in rows:
+        row["model_id"] = model_dir.name
+    write_jsonl(output / "answers_auto.jsonl", rows)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("every question is answered: the model must not be loaded")
+
+    monkeypatch.setattr(evaluate_module, "load_model_and_processor", no_model)
+    assert main(cli_args(model_dir, dataset, output, ["auto"])) == 0
+    (summary,) = json.loads((output / "summary.json").read_text())["settings"]
+    # "one" -> "1" matches all 9 of the "one" / "1" answers: every leave-one-out subset has >= 3 matches -> 1.0
+    assert summary["accuracy"] == pytest.approx((1 + 0 + 1 + 1.0) / 4)
+    assert summary["yes_no"]["tp"] == 0 and summary["yes_no"]["fn"] == 1 and summary["yes_no"]["tn"] == 1
+    assert summary["yes_no"]["accuracy"] == 0.5 and summary["yes_no"]["f1"] == 0.0
+    assert "kept_tokens" not in summary and "timing" not in summary  # hand-written answers carry no metadata
+
+    rows[0]["model_id"] = "another-model"
+    write_jsonl(output / "answers_auto.jsonl", rows)
+    assert main(cli_args(model_dir, dataset, output, ["auto"])) == 2  # refuses to mix models
+
+
+def test_an_interrupted_run_resumes_without_duplicates_or_losses(model_dir, dataset, tmp_path, monkeypatch):
+    _, questions = dataset
+    output = tmp_path / "resume"
+    answers_path = output / "answers_auto.jsonl"
+    original_write = AnswerFile.write
+    writes = []
+
+    def write_then_crash(self, row):
+        if len(writes) == 3:
+            raise KeyboardInterrupt  # killed after three answers, in the middle of the second batch
+        writes.append(row["question_id"])
+        original_write(self, row)
+
+    monkeypatch.setattr(AnswerFile, "write", write_then_crash)
+    assert main(cli_args(model_dir, dataset, output, ["auto"])) == 130
+    monkeypatch.setattr(AnswerFile, "write", original_write)
+    before = answers_path.read_text(encoding="utf-8")
+    assert [a["question_id"] for a in read_jsonl(answers_path)] == [0, 1, 2]
+    with open(answers_path, "a", encoding="utf-8") as file:  # and a line cut short by the kill
+        file.write('{"question_id": "tri-3", "prompt": "How many')
+
+    assert main(cli_args(model_dir, dataset, output, ["auto"])) == 0
+    after = answers_path.read_text(encoding="utf-8")
+    assert after.startswith(before)  # the answers already written are kept as they were
+    answers = read_jsonl(answers_path)
+    assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions]  # each exactly once
+    assert len({a["answer_id"] for a in answers}) == 5
+
+    monkeypatch.setattr(evaluate_module, "load_model_and_processor", lambda *a, **k: pytest.fail("model loaded"))
+    assert main(cli_args(model_dir, dataset, output, ["auto"])) == 0  # nothing left to do
+    assert answers_path.read_text(encoding="utf-8") == after
+    assert json.loads((output / "summary.json").read_text())["settings"][0]["num_answered"] == 5
+
+
+def test_missing_or_broken_images_are_named(model_dir, dataset, tmp_path, capsys, monkeypatch):
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 7, "image": "nowhere.png", "text": "Hi?"}])
+    args = cli_args(model_dir, dataset, tmp_path / "out", ["auto"])
+    args[args.index("--questions") + 1] = str(questions)
+    args[args.index("--image-folder") + 1] = str(tmp_path)
+    with monkeypatch.context() as patch:  # checked before the model is loaded
+        patch.setattr(evaluate_module, "load_model_and_processor", lambda *a, **k: pytest.fail("model loaded"))
+        assert main(args) == 2
+    assert "nowhere.png" in capsys.readouterr().err
+
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    write_jsonl(questions, [{"question_id": 8, "image": "broken.png", "text": "Hi?"}])
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "Cannot read the image" in error and "broken.png" in error and "question_id 8" in error

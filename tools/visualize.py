@@ -1,0 +1,404 @@
+# Copyright 2026 The llava-trim authors. Licensed under the Apache License, Version 2.0.
+"""Draw which image patches TRIM keeps, over the image as the model saw it.
+
+LLaVA-1.5 pads every image to a square with CLIP's mean colour and resizes it to 336 x 336; CLIP ViT-L/14 cuts that
+into a 24 x 24 grid of 14-pixel patches, the 576 image tokens TRIM chooses from. [`draw_kept_patches`] shows one
+selection: kept patches as they are, outlined, pruned patches dimmed, with the question and the count below
+("121 / 576 kept"). [`draw_selection_strip`] puts several selections (for example TRIM off, automatic and fixed
+ratios) side by side.
+
+From the command line, with a converted model folder:
+
+```bash
+python -m llava_trim.tools.visualize --model path/to/llava-v1.5-7b-trim --image photo.jpg \
+    --question "What is written on the sign?" --ratios auto 0.1 0.5 --output kept.png
+```
+
+Layout of a picture, for anyone reading pixels back: every panel is `panel_size` pixels square (336 x `scale`), its
+top-left corner at `(index * (panel_size + gap), 0)`; patch `i` covers row `i // grid`, column `i % grid` of the
+panel. Captions are below the panels.
+"""
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+# `openai/clip-vit-large-patch14-336`: the colour LLaVA pads with is the image processor's mean, in 0-255.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MODEL_IMAGE_SIZE = 336
+
+# Pruned patches are blended towards `PRUNED_SHADE` with this opacity; kept patches keep their pixels.
+PRUNED_SHADE = (0, 0, 0)
+PRUNED_OPACITY = 0.7
+KEPT_OUTLINE = (255, 200, 0)
+BACKGROUND = (255, 255, 255)
+TEXT_COLOUR = (20, 20, 20)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The image as the model sees it
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def mean_colour(image_mean: Sequence[float] = CLIP_MEAN) -> tuple[int, int, int]:
+    """The padding colour of LLaVA-1.5 (`image_aspect_ratio="pad"`): the image processor's mean in 0-255."""
+    return tuple(int(channel * 255) for channel in image_mean)
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Pad `image` to a `max(width, height)` square of colour `fill`, the image centred (LLaVA's `expand2square`)."""
+    image = image.convert("RGB")
+    width, height = image.size
+    if width == height:
+        return image.copy()
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def model_view(
+    image: Image.Image, size: int = MODEL_IMAGE_SIZE, image_mean: Sequence[float] = CLIP_MEAN
+) -> Image.Image:
+    """`image` padded to a square with the mean colour, resized to `size` x `size` (bicubic): LLaVA-1.5's view."""
+    square = pad_to_square(image, mean_colour(image_mean))
+    if square.size != (size, size):
+        square = square.resize((size, size), Image.Resampling.BICUBIC)
+    return square
+
+
+def pixel_values_to_image(
+    pixel_values: torch.Tensor, image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD
+) -> Image.Image:
+    """Undo the processor's normalisation: `pixel_values` of shape `(3, H, W)` back to an RGB image.
+
+    This is exactly what the vision tower received, whatever resizing or padding the processor applied.
+    """
+    if pixel_values.ndim != 3 or pixel_values.shape[0] != 3:
+        raise ValueError(f"Expected `pixel_values` of one image, shape (3, H, W); got {tuple(pixel_values.shape)}.")
+    mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
+    pixels = (pixel_values.detach().float().cpu() * std + mean) * 255  # (3, H, W)
+    array = pixels.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, 3)
+    return Image.fromarray(array, mode="RGB")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Drawing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    """Greedy word wrap of `text` to lines at most `width` pixels wide (paragraphs kept)."""
+    lines = []
+    for paragraph in text.splitlines() or [""]:
+        line = ""
+        for word in paragraph.split():
+            candidate = f"{line} {word}" if line else word
+            if line and font.getlength(candidate) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
+
+
+def _as_keep_row(keep_mask: torch.Tensor | np.ndarray | Sequence[bool]) -> tuple[np.ndarray, int]:
+    """A 1-D boolean numpy keep mask and the side of its square patch grid."""
+    if isinstance(keep_mask, torch.Tensor):
+        keep_mask = keep_mask.detach().cpu().numpy()
+    keep = np.asarray(keep_mask)
+    if keep.ndim == 2 and keep.shape[0] == 1:
+        keep = keep[0]
+    if keep.ndim != 1 or keep.dtype != np.bool_:
+        raise ValueError(
+            f"Expected one image's boolean keep mask of shape (num_patches,), got {keep.dtype} of shape {keep.shape}: "
+            "pass `selection.keep_mask[i]` of a `TrimSelection`."
+        )
+    grid = math.isqrt(keep.shape[0])
+    if grid * grid != keep.shape[0]:
+        raise ValueError(f"{keep.shape[0]} patches do not form a square grid; expected e.g. 576 (24 x 24).")
+    return keep, grid
+
+
+def format_count(num_kept: int, num_patches: int) -> str:
+    """The count shown under a selection, e.g. `"121 / 576 kept"`."""
+    return f"{num_kept} / {num_patches} kept"
+
+
+def _draw_panel(view: Image.Image, keep: np.ndarray, grid: int, scale: int) -> Image.Image:
+    """The square panel: `view` enlarged `scale` times, pruned patches dimmed, the kept region outlined."""
+    size = view.width * scale
+    pixels = np.asarray(view.resize((size, size), Image.Resampling.NEAREST), dtype=np.float32)  # (size, size, 3)
+    # (size, size) mask of pruned pixels: patch grid -> pixels
+    cell_of_pixel = np.arange(size) * grid // size
+    pruned = ~keep.reshape(grid, grid)[cell_of_pixel[:, None], cell_of_pixel[None, :]]
+    shade = np.asarray(PRUNED_SHADE, dtype=np.float32)
+    pixels[pruned] = pixels[pruned] * (1 - PRUNED_OPACITY) + shade * PRUNED_OPACITY
+    panel = Image.fromarray(pixels.round().astype(np.uint8), mode="RGB")
+
+    # outline the kept region: a line on every side of a kept patch that borders a pruned patch or the edge
+    draw = ImageDraw.Draw(panel)
+    cell = size / grid
+    line_width = max(1, round(cell / 10))
+    kept_grid = keep.reshape(grid, grid)
+    for row, col in zip(*np.nonzero(kept_grid), strict=True):
+        x0, y0 = col * cell, row * cell
+        x1, y1 = x0 + cell - 1, y0 + cell - 1
+        if row == 0 or not kept_grid[row - 1, col]:
+            draw.line([(x0, y0), (x1, y0)], fill=KEPT_OUTLINE, width=line_width)
+        if row == grid - 1 or not kept_grid[row + 1, col]:
+            draw.line([(x0, y1), (x1, y1)], fill=KEPT_OUTLINE, width=line_width)
+        if col == 0 or not kept_grid[row, col - 1]:
+            draw.line([(x0, y0), (x0, y1)], fill=KEPT_OUTLINE, width=line_width)
+        if col == grid - 1 or not kept_grid[row, col + 1]:
+            draw.line([(x1, y0), (x1, y1)], fill=KEPT_OUTLINE, width=line_width)
+    return panel
+
+
+def _caption(lines: list[tuple[str, ImageFont.ImageFont]], width: int, padding: int) -> Image.Image:
+    """White block holding `lines` (text, font), each wrapped to `width`."""
+    wrapped = [(part, font) for text, font in lines for part in _wrap(text, font, width - 2 * padding)]
+    heights = [font.getbbox("Ag")[3] + padding // 2 for _, font in wrapped]
+    block = Image.new("RGB", (width, sum(heights) + 2 * padding), BACKGROUND)
+    draw = ImageDraw.Draw(block)
+    y = padding
+    for (text, font), height in zip(wrapped, heights, strict=True):
+        draw.text((padding, y), text, fill=TEXT_COLOUR, font=font)
+        y += height
+    return block
+
+
+def _stack(top: Image.Image, bottom: Image.Image) -> Image.Image:
+    canvas = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), BACKGROUND)
+    canvas.paste(top, (0, 0))
+    canvas.paste(bottom, (0, top.height))
+    return canvas
+
+
+def draw_kept_patches(
+    image: Image.Image,
+    keep_mask: torch.Tensor | np.ndarray | Sequence[bool],
+    question: str | None = None,
+    label: str | None = None,
+    scale: int = 2,
+    image_mean: Sequence[float] = CLIP_MEAN,
+    font_size: int | None = None,
+) -> Image.Image:
+    """
+    Draw one image's TRIM selection over the image as the model saw it.
+
+    The image is padded to a square with the mean colour and resized to 336 x 336 (a no-op for an image that already
+    is, such as [`pixel_values_to_image`]'s), then enlarged `scale` times. Patch `i` of the `grid x grid` patch grid
+    (24 x 24 for 576 patches) sits at row `i // grid`, column `i % grid`. Kept patches keep their pixels and the kept
+    region is outlined; pruned patches are blended towards black (opacity `PRUNED_OPACITY`). Below the image: `label`
+    (e.g. "TRIM auto"), the count ("121 / 576 kept") and `question`.
+
+    Args:
+        image (`PIL.Image.Image`): The original image (any size) or the model's 336 x 336 view of it.
+        keep_mask (`torch.BoolTensor` of shape `(num_patches,)`): One row of `TrimSelection.keep_mask`.
+        question (`str`, *optional*): The question TRIM scored the patches against.
+        label (`str`, *optional*): A title for the selection, e.g. the mode.
+        scale (`int`, *optional*, defaults to 2): Integer enlargement of the 336-pixel view.
+        image_mean (`Sequence[float]`, *optional*): The image processor's mean (the padding colour), CLIP's by default.
+        font_size (`int`, *optional*): Caption font size in pixels; defaults to 6 + 5 x `scale`.
+
+    Returns:
+        `PIL.Image.Image`: RGB picture, `336 * scale` pixels wide, the image panel at the top.
+    """
+    keep, grid = _as_keep_row(keep_mask)
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"`scale` must be a positive integer, got {scale!r}.")
+    panel = _draw_panel(model_view(image, MODEL_IMAGE_SIZE, image_mean), keep, grid, scale)
+    font_size = font_size or 6 + 5 * scale
+    lines = []
+    count = format_count(int(keep.sum()), keep.shape[0])
+    lines.append((f"{label}: {count}" if label else count, _font(round(font_size * 1.2))))
+    if question:
+        lines.append((question, _font(font_size)))
+    return _stack(panel, _caption(lines, panel.width, padding=font_size // 2 + 2))
+
+
+def draw_selection_strip(
+    image: Image.Image,
+    keep_masks: Sequence[torch.Tensor | np.ndarray],
+    labels: Sequence[str] | None = None,
+    question: str | None = None,
+    scale: int = 1,
+    gap: int = 8,
+    image_mean: Sequence[float] = CLIP_MEAN,
+    font_size: int | None = None,
+) -> Image.Image:
+    """
+    Several selections of the same image side by side (e.g. TRIM off, auto, 10 %, 50 %), the question below them.
+
+    Panel `k` is [`draw_kept_patches`]'s picture of `keep_masks[k]` (with `labels[k]`, without the question), its
+    top-left corner at `(k * (336 * scale + gap), 0)`.
+
+    Args:
+        image (`PIL.Image.Image`): The original image or the model's view of it.
+        keep_masks (sequence of `torch.BoolTensor` of shape `(num_patches,)`): One keep mask per panel.
+        labels (sequence of `str`, *optional*): One title per panel.
+        question (`str`, *optional*): Shown once, under the panels.
+        scale, image_mean, font_size: See [`draw_kept_patches`].
+        gap (`int`, *optional*, defaults to 8): Pixels between panels.
+
+    Returns:
+        `PIL.Image.Image`: The strip.
+    """
+    if len(keep_masks) == 0:
+        raise ValueError("`keep_masks` is empty: pass at least one selection to draw.")
+    if labels is not None and len(labels) != len(keep_masks):
+        raise ValueError(f"Got {len(labels)} labels for {len(keep_masks)} keep masks; pass one label per mask.")
+    font_size = font_size or 6 + 5 * scale
+    panels = [
+        draw_kept_patches(
+            image,
+            mask,
+            label=labels[k] if labels else None,
+            scale=scale,
+            image_mean=image_mean,
+            font_size=font_size,
+        )
+        for k, mask in enumerate(keep_masks)
+    ]
+    width = sum(panel.width for panel in panels) + gap * (len(panels) - 1)
+    row = Image.new("RGB", (width, max(panel.height for panel in panels)), BACKGROUND)
+    x = 0
+    for panel in panels:
+        row.paste(panel, (x, 0))
+        x += panel.width + gap
+    if not question:
+        return row
+    return _stack(row, _caption([(question, _font(font_size))], width, padding=font_size // 2 + 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# From a model folder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def setting_label(trim_ratio: float | None) -> str:
+    """A short name for a TRIM mode: "TRIM off", "TRIM auto" or "TRIM 10%"."""
+    if trim_ratio is None:
+        return "TRIM off"
+    if trim_ratio == -1:
+        return "TRIM auto"
+    return f"TRIM {trim_ratio * 100:g}%"
+
+
+def select_for_ratios(
+    model,
+    processor,
+    image: Image.Image,
+    question: str,
+    trim_ratios: Sequence[float | None],
+    trim_text: str | None = None,
+) -> tuple[Image.Image, list[torch.Tensor]]:
+    """
+    Run the processor and the model's selection (no language model) once per TRIM mode.
+
+    Returns:
+        `(view, keep_masks)`: the image exactly as the vision tower received it (from `pixel_values`) and, per mode,
+        the `(num_patches,)` keep mask (`None` mode: everything kept).
+    """
+    from .evaluate import build_prompt
+
+    inputs = processor(
+        images=[image], text=[build_prompt(processor, question)], trim_text=trim_text, return_tensors="pt"
+    )
+    inputs = inputs.to(model.device)
+    image_processor = processor.image_processor
+    view = pixel_values_to_image(
+        inputs["pixel_values"][0], getattr(image_processor, "image_mean", CLIP_MEAN), image_processor.image_std
+    )
+    keep_masks = []
+    for trim_ratio in trim_ratios:
+        selection = model.select_image_tokens(**inputs, trim_ratio=trim_ratio)
+        keep_masks.append(selection.keep_mask[0].cpu())
+    return view, keep_masks
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m llava_trim.tools.visualize",
+        description="Draw the image patches TRIM keeps for a question, for one or several TRIM modes, as a PNG.",
+    )
+    parser.add_argument("--model", required=True, help="Converted LLaVA-TRIM folder or Hub repository id.")
+    parser.add_argument("--image", required=True, help="Image file.")
+    parser.add_argument("--question", required=True, help="The question TRIM scores the patches against.")
+    parser.add_argument(
+        "--ratios",
+        nargs="+",
+        default=["auto"],
+        help="TRIM modes, one panel each: 'auto' (IQR outliers), 'off', or a fraction in (0, 1]. Default: auto.",
+    )
+    parser.add_argument("--output", default="trim_selection.png", help="PNG to write.")
+    parser.add_argument("--trim-text", default=None, help="Score against this text instead of the question.")
+    parser.add_argument("--scale", type=int, default=None, help="Enlargement of the 336-pixel view (default 2 or 1).")
+    parser.add_argument("--device", default="auto", help="'auto' (GPU if available), 'cpu', 'cuda', 'cuda:1', ...")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; see `--help`."""
+    from .evaluate import load_model_and_processor, parse_setting
+
+    args = parse_args(argv)
+    try:
+        trim_ratios = [parse_setting(text).trim_ratio for text in args.ratios]
+    except ValueError as error:
+        raise SystemExit(f"--ratios: {error}") from None
+    image_path = Path(args.image)
+    if not image_path.is_file():
+        raise SystemExit(f"--image: no such file: {image_path}")
+    with Image.open(image_path) as opened:
+        image = opened.convert("RGB")
+
+    model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
+    view, keep_masks = select_for_ratios(model, processor, image, args.question, trim_ratios, args.trim_text)
+    labels = [setting_label(trim_ratio) for trim_ratio in trim_ratios]
+    if len(keep_masks) == 1:
+        picture = draw_kept_patches(
+            view, keep_masks[0], question=args.question, label=labels[0], scale=args.scale or 2
+        )
+    else:
+        picture = draw_selection_strip(view, keep_masks, labels, question=args.question, scale=args.scale or 1)
+
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(output)
+    for label, mask in zip(labels, keep_masks, strict=True):
+        print(f"{label}: {format_count(int(mask.sum()), mask.shape[0])}")
+    print(f"Wrote {output}")
+    return 0
+
+
+__all__ = [
+    "draw_kept_patches",
+    "draw_selection_strip",
+    "model_view",
+    "pad_to_square",
+    "pixel_values_to_image",
+    "select_for_ratios",
+]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
