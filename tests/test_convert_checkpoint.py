@@ -1,0 +1,624 @@
+"""convert_checkpoint.py on tiny offline checkpoints in every source format: round trips, refusals, Hub upload."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from huggingface_hub import ModelCard
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPConfig,
+    CLIPModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaForConditionalGeneration,
+)
+
+from llava_trim.convert_checkpoint import (
+    build_parser,
+    main,
+    parse_size,
+    parse_trim_ratio,
+    trim_ratio_from_source,
+)
+from llava_trim.tools.tiny_checkpoints import (
+    PERTURBED_CLIP_TENSORS,
+    TRIM_EMBEDDED_CLIP_PREFIXES,
+    build_all,
+    build_llava_hf,
+    build_trim_llava,
+)
+
+SOURCE_VOCAB = 1000  # the tiny sentencepiece vocabulary: <image> becomes 1000, <pad> 1001
+IMAGE_ID, PAD_ID = 1000, 1001
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    return build_all(tmp_path_factory.mktemp("sources"))
+
+
+def convert(*args) -> int:
+    return main([str(arg) for arg in args])
+
+
+@pytest.fixture(scope="module")
+def converted(sources, tmp_path_factory) -> dict[str, Path]:
+    """Each source converted to float32 (the original one verified and split into several shards)."""
+    root = tmp_path_factory.mktemp("converted")
+    clip = sources["clip"]
+    outputs = {name: root / name for name in ("original", "trim", "llava_hf")}
+    assert convert(
+        "--llava", sources["original"], "--clip", clip, "--output", outputs["original"], "--dtype", "float32",
+        "--max-shard-size", "300KB", "--verify", "--base-model", "liuhaotian/llava-v1.5-7b",
+    ) == 0  # fmt: skip
+    assert convert("--llava", sources["trim"], "--clip", clip, "--output", outputs["trim"], "--dtype", "float32") == 0
+    assert (
+        convert("--llava", sources["llava_hf"], "--clip", clip, "--output", outputs["llava_hf"], "--dtype", "float32")
+        == 0
+    )
+    return outputs
+
+
+def drawn_image() -> Image.Image:
+    """A red bus-like box on a blue sky over green grass (non-square, so LLaVA's padding to a square applies)."""
+    image = Image.new("RGB", (448, 320), (90, 150, 220))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 230, 448, 320), fill=(40, 160, 60))
+    draw.rectangle((90, 140, 330, 250), fill=(210, 30, 30))
+    draw.ellipse((360, 20, 420, 80), fill=(250, 220, 40))
+    return image
+
+
+def model_inputs(folder: Path, question: str = "What is the colour of the bus?") -> dict:
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return dict(processor(images=[drawn_image()], text=prompt, return_tensors="pt"))
+
+
+def load_converted(folder: Path):
+    model, info = AutoModelForImageTextToText.from_pretrained(
+        folder, trust_remote_code=True, dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def read_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder (all `.bin` / `.safetensors` files), read the plain way."""
+    state = {}
+    for path in sorted(folder.glob("*.bin")):
+        state.update(torch.load(path, weights_only=True))
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(path))
+    return state
+
+
+def llava_reference(llava_dir: Path, state: dict[str, torch.Tensor], clip: CLIPModel):
+    """Native transformers pieces of an original-format LLaVA: LlamaForCausalLM, CLIP, the mlp2x_gelu projector."""
+    llama = LlamaForCausalLM(LlamaConfig.from_pretrained(llava_dir)).eval()
+    llama_state = {
+        k: v.float() for k, v in state.items() if k.startswith(("model.embed", "model.layers", "model.norm"))
+    }
+    llama_state["lm_head.weight"] = state["lm_head.weight"].float()
+    llama_state = {k: v for k, v in llama_state.items() if "rotary_emb" not in k}
+    llama.load_state_dict(llama_state, strict=True)
+    projector = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64))
+    projector.load_state_dict(
+        {k.removeprefix("model.mm_projector."): v.float() for k, v in state.items() if "mm_projector" in k}
+    )
+    return llama, projector, clip.float().eval()
+
+
+def reference_logits(llama, projector, clip, inputs: dict, trim: bool) -> tuple[torch.Tensor, int]:
+    """
+    LLaVA-1.5 (and, with `trim`, DESIGN.md section 2) computed directly: vision layer -2 without CLS, TRIM's auto
+    selection on `p = softmax(-P t)`, kept tokens in patch order plus the mean of the pruned ones, projector, spliced
+    into the Llama embeddings. Returns the logits and the number of kept patches.
+    """
+    ids = inputs["input_ids"][0]
+    with torch.no_grad():
+        hidden = clip.vision_model(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2]
+        features = hidden[0, 1:]  # (576, Dv)
+        kept = features.shape[0]
+        if trim:
+            text = clip.text_model(
+                input_ids=inputs["trim_input_ids"], attention_mask=inputs["trim_attention_mask"]
+            ).pooler_output
+            t = clip.text_projection(text)[0]  # (D,)
+            p = F.softmax(-(clip.visual_projection(clip.vision_model.post_layernorm(features)) @ t), dim=0)
+            q1, q3 = torch.quantile(p, torch.tensor([0.25, 0.75]))
+            keep = p > q3 + 1.5 * (q3 - q1)
+            kept = int(keep.sum())
+            pruned_mean = features[~keep].mean(dim=0) if (~keep).any() else torch.zeros_like(features[0])
+            features = torch.cat([features[keep], pruned_mean[None]])  # (|K| + 1, Dv)
+        image_embeds = projector(features)
+        start = int((ids == IMAGE_ID).nonzero()[0])
+        before, after = ids[:start], ids[start + 576 :]
+        embed = llama.get_input_embeddings()
+        embeds = torch.cat([embed(before), image_embeds, embed(after)])[None]
+        return llama(inputs_embeds=embeds).logits, kept
+
+
+def leftovers(output: Path) -> list[str]:
+    """The output folder and any temporary folder the converter may have left beside it."""
+    return sorted(
+        p.name for p in output.parent.iterdir() if p.name == output.name or p.name.startswith(f".{output.name}.")
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Round trips: logits equal the source model's
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_original_llava_round_trip_matches_native_pieces(sources, converted):
+    """liuhaotian format (.bin shards + index, inv_freq, fp16, no CLIP): TRIM off equals LLaMA + CLIP + projector."""
+    folder = converted["original"]
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1  # --max-shard-size 300KB gave several shards
+    model = load_converted(folder)
+    assert model.config.image_token_id == IMAGE_ID and model.config.text_config.vocab_size == SOURCE_VOCAB + 2
+    clip = CLIPModel.from_pretrained(sources["clip"], dtype=torch.float32)
+    llama, projector, clip = llava_reference(sources["original"], read_state(sources["original"]), clip)
+    inputs = model_inputs(folder)
+    assert int((inputs["input_ids"] == IMAGE_ID).sum()) == 576
+    with torch.no_grad():
+        logits = model(**inputs, trim_ratio=None).logits
+    expected, _ = reference_logits(llama, projector, clip, inputs, trim=False)
+    assert logits.shape[1] == expected.shape[1]
+    assert (logits[..., :SOURCE_VOCAB] - expected).abs().max() <= 1e-5
+
+
+def test_trim_format_round_trip_with_trim_on(sources, converted):
+    """FreedomIntelligence format (bf16 safetensors, embedded CLIP, TRIM:-1): TRIM on equals DESIGN.md section 2."""
+    folder = converted["trim"]
+    model = load_converted(folder)
+    assert model.config.trim_ratio == -1  # from mm_vision_token_reduce_func "TRIM:-1"
+    state = read_state(sources["trim"])
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    clip_state = {}
+    for clip_prefix, trim_prefix in TRIM_EMBEDDED_CLIP_PREFIXES.items():
+        clip_state.update(
+            {
+                clip_prefix + k.removeprefix(trim_prefix): v.float()
+                for k, v in state.items()
+                if k.startswith(trim_prefix)
+            }
+        )
+    clip = CLIPModel(CLIPConfig.from_pretrained(sources["clip"]))
+    missing, unexpected = clip.load_state_dict(clip_state, strict=False)
+    assert missing == ["logit_scale"] and not unexpected  # the embedded towers hold everything TRIM needs
+    llama, projector, clip = llava_reference(sources["trim"], state, clip)
+
+    inputs = model_inputs(folder)
+    with torch.no_grad():
+        output = model(**inputs)  # the config's TRIM (-1, automatic)
+    expected, kept = reference_logits(llama, projector, clip, inputs, trim=True)
+    assert int(output.trim_selection.num_kept[0]) == kept < 576
+    assert output.logits.shape[1] == expected.shape[1] == inputs["input_ids"].shape[1] - 576 + kept + 1
+    assert (output.logits[..., :SOURCE_VOCAB] - expected).abs().max() <= 1e-5
+    # and with TRIM off it is plain LLaVA-1.5 on the embedded vision tower
+    with torch.no_grad():
+        off = model(**inputs, trim_ratio=None).logits
+    expected_off, _ = reference_logits(llama, projector, clip, inputs, trim=False)
+    assert (off[..., :SOURCE_VOCAB] - expected_off).abs().max() <= 1e-5
+
+
+def test_llava_hf_round_trip_matches_native_llava(sources, converted):
+    """llava-hf format (legacy key names): equals transformers' own LlavaForConditionalGeneration on the source."""
+    model = load_converted(converted["llava_hf"])
+    native, info = LlavaForConditionalGeneration.from_pretrained(
+        sources["llava_hf"], dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    inputs = model_inputs(converted["llava_hf"])
+    with torch.no_grad():
+        logits = model(**inputs, trim_ratio=None).logits
+        expected = native.eval()(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"]
+        ).logits
+    assert logits.shape == expected.shape  # the vocabulary padded to 1024 rows is kept
+    assert (logits - expected).abs().max() <= 1e-5
+
+
+def test_llava_hf_current_names_give_the_same_weights(sources, converted, tmp_path):
+    """The installed transformers' own key names convert to exactly the weights of the legacy Hub names."""
+    source = build_llava_hf(
+        tmp_path / "hf-current", sources["clip"], legacy_names=False, llama_tokenizer_dir=sources["original"]
+    )
+    assert not any(key.startswith("language_model.") for key in read_state(source))
+    output = tmp_path / "out"
+    assert convert("--llava", source, "--clip", sources["clip"], "--output", output, "--dtype", "float32") == 0
+    current, legacy = read_state(output), read_state(converted["llava_hf"])
+    assert current.keys() == legacy.keys()
+    assert all(torch.equal(current[key], legacy[key]) for key in current)
+
+
+def test_output_keeps_source_dtype_and_tensors_bit_identical(sources, tmp_path):
+    """Without --dtype the LLaVA source's fp16 is kept and every LLaVA tensor is byte-identical to the source."""
+    output = tmp_path / "fp16"
+    assert convert("--llava", sources["original"], "--clip", sources["clip"], "--output", output) == 0
+    written, source = read_state(output), read_state(sources["original"])
+    assert json.loads((output / "config.json").read_text())["dtype"] == "float16"
+    assert written["model.language_model.layers.1.mlp.down_proj.weight"].dtype == torch.float16
+    for name, tensor in source.items():
+        if "rotary_emb" in name:
+            assert not any("rotary_emb" in key for key in written)
+            continue
+        target = name.replace("model.mm_projector.0.", "model.multi_modal_projector.linear_1.")
+        target = target.replace("model.mm_projector.2.", "model.multi_modal_projector.linear_2.")
+        target = (
+            target
+            if target.startswith(("lm_head", "model.multi"))
+            else target.replace("model.", "model.language_model.", 1)
+        )
+        rows = tensor.shape[0]
+        assert torch.equal(written[target][:rows].view(torch.int16), tensor.view(torch.int16)), name
+    # TRIM's projections stay float32 (the model keeps them in float32), copied exactly from CLIP
+    clip = CLIPModel.from_pretrained(sources["clip"]).state_dict()
+    assert torch.equal(written["model.trim_scorer.visual_projection.weight"], clip["visual_projection.weight"])
+    assert torch.equal(
+        written["model.vision_tower.encoder.layers.0.mlp.fc1.weight"],
+        clip["vision_model.encoder.layers.0.mlp.fc1.weight"].half(),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The added tokens can never be generated
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_added_token_rows_cannot_win_greedy(converted):
+    """New LM-head rows are the mean of the others: their logit is the mean logit, never above the maximum."""
+    model = load_converted(converted["original"])
+    head = model.lm_head.weight
+    assert torch.allclose(head[IMAGE_ID], head[:SOURCE_VOCAB].mean(0), atol=1e-6)
+    hidden = torch.randn(4096, head.shape[1]) * torch.logspace(-2, 2, 4096)[:, None]  # many scales and directions
+    logits = (hidden @ head.T).double()
+    best_old = logits[:, :SOURCE_VOCAB].max(dim=1).values
+    assert (logits[:, SOURCE_VOCAB:].max(dim=1).values < best_old + 1e-6 * best_old.abs()).all()
+    embed = model.get_input_embeddings().weight
+    assert torch.allclose(embed[PAD_ID], embed[:SOURCE_VOCAB].mean(0), atol=1e-6)
+
+
+def test_added_tokens_never_generated_greedy_or_sampled(converted):
+    """generation_config suppresses them: even with LM-head rows rigged to win, greedy and sampling never emit them."""
+    folder = converted["original"]
+    generation_config = json.loads((folder / "generation_config.json").read_text())
+    assert generation_config["suppress_tokens"] == [IMAGE_ID, PAD_ID] and generation_config["do_sample"] is False
+    model = load_converted(folder)
+    inputs = model_inputs(folder)
+    with torch.no_grad():  # rig the rows: without suppression these two tokens win every step
+        model.lm_head.weight[IMAGE_ID] = model.lm_head.weight[:SOURCE_VOCAB].sum(0) * 50
+        model.lm_head.weight[PAD_ID] = -model.lm_head.weight[:SOURCE_VOCAB].sum(0) * 50
+    prompt_length = inputs["input_ids"].shape[1]
+    runs = {
+        "greedy": dict(do_sample=False),
+        "sampled": dict(do_sample=True, temperature=3.0, num_return_sequences=4),
+    }
+    for name, kwargs in runs.items():
+        torch.manual_seed(0)
+        out = model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, trim_ratio=None, **kwargs)
+        new = out[:, prompt_length:]
+        assert new.shape[1] == 12 and not torch.isin(new, torch.tensor([IMAGE_ID, PAD_ID])).any(), name
+    # the control: the same rigged model without suppression does emit them, so the check above can fail
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False, suppress_tokens=[], trim_ratio=None)
+    assert torch.isin(out[:, prompt_length:], torch.tensor([IMAGE_ID, PAD_ID])).any()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The repository files
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_repository_files_auto_map_and_model_card(converted):
+    folder = converted["original"]
+    names = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    for required in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "configuration_llava_trim.py",
+        "modeling_llava_trim.py",
+        "processing_llava_trim.py",
+        "processor_config.json",
+        "tokenizer.json",
+        "clip_tokenizer/tokenizer_config.json",
+        "LICENSE",
+        "README.md",
+    ):
+        assert required in names, required
+    for code in ("configuration_llava_trim.py", "modeling_llava_trim.py", "processing_llava_trim.py"):
+        assert (folder / code).read_bytes() == (REPO_ROOT / code).read_bytes()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_llava_trim.LlavaTrimForConditionalGeneration"
+    assert config["auto_map"]["AutoConfig"] == "configuration_llava_trim.LlavaTrimConfig"
+    assert json.loads((folder / "processor_config.json").read_text())["auto_map"]["AutoProcessor"].endswith(
+        "LlavaTrimProcessor"
+    )
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    sizes = 0
+    for shard in set(index["weight_map"].values()):
+        with safe_open(folder / shard, framework="pt") as handle:
+            sizes += sum(handle.get_tensor(key).nbytes for key in handle.keys())
+            assert all(index["weight_map"][key] == shard for key in handle.keys())
+    assert index["metadata"]["total_size"] == sizes
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.license == "llama2" and card.data.base_model == "liuhaotian/llava-v1.5-7b"
+    assert "trim" in card.data.tags and "custom_code" in card.data.tags
+
+
+def test_model_card_usage_runs_as_written(converted, tmp_path):
+    """The card's pipeline snippet runs unchanged except the image URL (offline here) pointing to a local file."""
+    folder = converted["original"]
+    card = (folder / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert f'model="{folder}"' in snippet  # without --push-to-hub the card names the output folder
+    image_path = tmp_path / "cats.png"
+    drawn_image().save(image_path)
+    snippet = snippet.replace("http://images.cocodataset.org/val2017/000000039769.jpg", str(image_path))
+    result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Options
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_trim_ratio_sources_and_flags():
+    assert trim_ratio_from_source({"mm_vision_token_reduce_func": "TRIM:-1"}) == -1
+    assert trim_ratio_from_source({"mm_vision_token_reduce_func": "TRIM:0.25"}) == 0.25
+    assert trim_ratio_from_source({"mm_vision_token_reduce_func": "TextSim+:0.5"}) == 0.5
+    assert trim_ratio_from_source({}) == "absent"
+    with pytest.raises(ValueError, match="not a TRIM setting"):
+        trim_ratio_from_source({"mm_vision_token_reduce_func": "Pooling:2"})
+    assert parse_trim_ratio("none") is None and parse_trim_ratio("-1") == -1 and parse_trim_ratio("0.3") == 0.3
+    for bad in ("0", "1.5", "-0.5", "half"):
+        with pytest.raises(Exception, match="expected|trim_ratio"):
+            parse_trim_ratio(bad)
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1024") == 1024
+
+
+def test_trim_ratio_flag_overrides_source(sources, tmp_path):
+    output = tmp_path / "off"
+    assert (
+        convert("--llava", sources["trim"], "--clip", sources["clip"], "--output", output, "--trim-ratio", "none") == 0
+    )
+    assert json.loads((output / "config.json").read_text())["trim_ratio"] is None
+    output = tmp_path / "quarter"
+    assert (
+        convert("--llava", sources["original"], "--clip", sources["clip"], "--output", output, "--trim-ratio", "0.25")
+        == 0
+    )
+    assert json.loads((output / "config.json").read_text())["trim_ratio"] == 0.25
+
+
+def test_embedded_clip_that_differs_from_clip_is_used_with_a_warning(sources, tmp_path, caplog):
+    source = build_trim_llava(
+        tmp_path / "trim-changed", sources["clip"], perturb_embedded_clip=True, llama_tokenizer_dir=sources["original"]
+    )
+    output = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="llava_trim.convert_checkpoint"):
+        assert convert("--llava", source, "--clip", sources["clip"], "--output", output) == 0
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "2 CLIP tensor(s) that differ from --clip" in warning
+    assert "model.vision_tower.vision_tower.visual_projection.weight" in warning
+    assert "model.vision_tower.text_tower.text_model.encoder.layers.0.self_attn.q_proj.bias" in warning
+    assert len(PERTURBED_CLIP_TENSORS) == 2
+    embedded = read_state(source)["model.vision_tower.vision_tower.visual_projection.weight"]
+    assert torch.equal(read_state(output)["model.trim_scorer.visual_projection.weight"], embedded.float())
+
+
+def test_help_explains_every_flag_with_an_example():
+    parser = build_parser()
+    examples = parser.format_help().split("examples:")[1]
+    for action in parser._actions:
+        flag = action.option_strings[-1]
+        if flag == "--help":
+            continue
+        assert action.help and len(action.help) > 20, flag
+        assert re.search(re.escape(flag) + r"(\s|$)", examples) or "e.g." in action.help, f"{flag} has no example"
+    assert "liuhaotian/llava-v1.5-7b" in examples and "FreedomIntelligence/llava-v1.5-7b-TRIM" in examples
+    # the file also runs as a plain script from a checkout
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "convert_checkpoint.py"), "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "--push-to-hub" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Refusals: a clear message and nothing left behind
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _drop_shard_keep_index(folder: Path) -> None:
+    (folder / "pytorch_model-00002-of-00002.bin").unlink()
+
+
+def _drop_shard_and_index(folder: Path) -> None:
+    (folder / "pytorch_model.bin.index.json").unlink()
+    (folder / "pytorch_model-00002-of-00002.bin").unlink()
+
+
+def _truncate_bin(folder: Path) -> None:
+    path = folder / "pytorch_model-00001-of-00002.bin"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _truncate_safetensors(folder: Path) -> None:
+    path = folder / "model-00002-of-00003.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _unknown_keys(folder: Path) -> None:
+    path = folder / "pytorch_model-00002-of-00002.bin"
+    state = torch.load(path, weights_only=True)
+    state["model.mm_resampler.query"] = torch.zeros(4, 8, dtype=torch.float16)
+    state["model.extra_head.weight"] = torch.zeros(2, dtype=torch.float16)
+    torch.save(state, path)
+
+
+def _index_without_tensor(folder: Path) -> None:
+    path = folder / "model-00001-of-00003.safetensors"
+    state = load_file(path)
+    state.pop(next(iter(state)))
+    save_file(state, path, metadata={"format": "pt"})
+
+
+REFUSALS = {
+    "index names a missing shard": (
+        "original",
+        _drop_shard_keep_index,
+        r"names 1 weight file\(s\) that are not in .*pytorch_model-00002-of-00002.bin",
+    ),
+    "missing shard": (
+        "original",
+        _drop_shard_and_index,
+        r"holds 1 of 2 weight shards; missing: pytorch_model-00002-of-00002.bin",
+    ),
+    "truncated .bin": ("original", _truncate_bin, r"pytorch_model-00001-of-00002.bin .* truncated or corrupt"),
+    "truncated safetensors": (
+        "trim",
+        _truncate_safetensors,
+        r"model-00002-of-00003.safetensors .* truncated or corrupt",
+    ),
+    "shard lacks an indexed tensor": ("trim", _index_without_tensor, r"lacks 1 tensor\(s\) its index assigns to it"),
+    "unknown keys": (
+        "original",
+        _unknown_keys,
+        r"2 tensor\(s\) with unknown names: model.mm_resampler.query, model.extra_head",
+    ),
+    "mm_hidden_size": (
+        "original",
+        lambda f: _edit_config(f, mm_hidden_size=48),
+        r"Shape mismatch with CLIP: .*mm_hidden_size=48",
+    ),
+    "projector type": (
+        "original",
+        lambda f: _edit_config(f, mm_projector_type="linear"),
+        r"mm_projector_type='linear'",
+    ),
+    "anyres": ("original", lambda f: _edit_config(f, image_aspect_ratio="anyres"), r"image_aspect_ratio='anyres'"),
+    "im_start_end": ("original", lambda f: _edit_config(f, mm_use_im_start_end=True), r"mm_use_im_start_end: true"),
+    "non-Llama LLM": (
+        "original",
+        lambda f: _edit_config(f, model_type="llava_mistral", architectures=["LlavaMistralForCausalLM"]),
+        r"non-Llama language model",
+    ),
+    "cls features": ("original", lambda f: _edit_config(f, mm_vision_select_feature="cls_patch"), r"'cls_patch'"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals_leave_nothing_behind(case, sources, tmp_path, capsys):
+    kind, damage, message = REFUSALS[case]
+    source = tmp_path / "source"
+    shutil.copytree(sources[kind], source)
+    damage(source)
+    output = tmp_path / "nested" / "out"
+    assert convert("--llava", source, "--clip", sources["clip"], "--output", output) == 1
+    assert re.search(message, capsys.readouterr().err), case
+    assert not output.parent.exists()  # not even the parent folder the converter would have created
+
+
+def test_non_empty_output_is_refused_without_overwrite(sources, tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    assert convert("--llava", sources["original"], "--clip", sources["clip"], "--output", output) == 1
+    assert "exists and is not empty: pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in output.iterdir()] == ["keep.txt"] and leftovers(output) == ["out"]
+    assert convert("--llava", sources["original"], "--clip", sources["clip"], "--output", output, "--overwrite") == 0
+    assert not (output / "keep.txt").exists() and (output / "config.json").is_file()
+    assert leftovers(output) == ["out"]
+    assert convert("--llava", sources["original"], "--clip", output, "--output", output, "--overwrite") == 1
+    assert "overlaps the source folder" in capsys.readouterr().err and (output / "config.json").is_file()
+
+
+@pytest.mark.parametrize("exception", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_failure_while_writing_leaves_nothing_and_keeps_the_old_output(sources, tmp_path, exception):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "old.txt").write_text("previous conversion")
+    with mock.patch("llava_trim.convert_checkpoint.write_processor", side_effect=exception):
+        with pytest.raises(type(exception)):
+            convert("--llava", sources["original"], "--clip", sources["clip"], "--output", output, "--overwrite")
+    assert leftovers(output) == ["out"] and [p.name for p in output.iterdir()] == ["old.txt"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pushing to the Hub, without network
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_push_to_hub_uploads_the_complete_folder(sources, tmp_path):
+    output = tmp_path / "out"
+    uploaded = {}
+
+    def fake_upload_folder(**kwargs):
+        folder = Path(kwargs["folder_path"])
+        uploaded.update(kwargs, files=sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()))
+        return mock.Mock(commit_url="https://huggingface.co/me/tiny-llava-trim/commit/abc")
+
+    with (
+        mock.patch("huggingface_hub.get_token", return_value="hf_test"),
+        mock.patch("huggingface_hub.create_repo") as create_repo,
+        mock.patch("huggingface_hub.create_branch") as create_branch,
+        mock.patch("huggingface_hub.upload_folder", side_effect=fake_upload_folder),
+    ):
+        argv = ["--llava", sources["original"], "--clip", sources["clip"], "--output", output]
+        assert convert(*argv, "--push-to-hub", "me/tiny-llava-trim", "--private", "--revision", "v1") == 0
+    create_repo.assert_called_once_with("me/tiny-llava-trim", private=True, exist_ok=True, repo_type="model")
+    create_branch.assert_called_once_with("me/tiny-llava-trim", branch="v1", exist_ok=True, repo_type="model")
+    assert uploaded["repo_id"] == "me/tiny-llava-trim" and uploaded["revision"] == "v1"
+    assert Path(uploaded["folder_path"]) == output.resolve() and "LLaVA" in uploaded["commit_message"]
+    local = sorted(str(p.relative_to(output)) for p in output.rglob("*") if p.is_file())
+    assert uploaded["files"] == local and "model.safetensors" in local and "clip_tokenizer/tokenizer.json" in local
+    assert 'model="me/tiny-llava-trim"' in (output / "README.md").read_text()  # the card shows the Hub id
+
+
+@pytest.mark.parametrize("failure", ["no token", "network"])
+def test_push_failure_is_clear_and_keeps_the_local_folder(sources, tmp_path, capsys, failure):
+    output = tmp_path / "out"
+    token = None if failure == "no token" else "hf_test"
+    error = OSError("Network is unreachable")
+    with (
+        mock.patch("huggingface_hub.get_token", return_value=token),
+        mock.patch("huggingface_hub.create_repo", side_effect=error) as create_repo,
+        mock.patch("huggingface_hub.upload_folder") as upload_folder,
+    ):
+        argv = ["--llava", sources["original"], "--clip", sources["clip"], "--output", output]
+        assert convert(*argv, "--push-to-hub", "me/tiny-llava-trim") == 1
+    message = capsys.readouterr().err
+    expected = "No Hugging Face token" if failure == "no token" else "Pushing to me/tiny-llava-trim failed"
+    assert expected in message and f"complete in {output.resolve()}" in message
+    assert create_repo.call_count == (0 if failure == "no token" else 1) and not upload_folder.called
+    assert (output / "model.safetensors").is_file() and (output / "README.md").is_file()
