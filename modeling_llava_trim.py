@@ -294,7 +294,8 @@ class LlavaTrimScorer(nn.Module):
     """CLIP's text tower and projections: the similarity of every image patch to the question.
 
     Weights as in CLIP: `text_model` is CLIP's text transformer, `text_projection` and `visual_projection` map text and
-    vision features into the joint space. The vision tower's own `post_layernorm` is passed in, not duplicated.
+    vision features into the joint space. The caller applies the vision tower's own `post_layernorm` (not duplicated)
+    and passes tensors only, so that device hooks (accelerate offload, multi-GPU maps) see no module arguments.
     """
 
     def __init__(self, config: LlavaTrimConfig):
@@ -305,25 +306,23 @@ class LlavaTrimScorer(nn.Module):
 
     def forward(
         self,
-        image_features: torch.Tensor,
-        post_layernorm: nn.Module,
+        patch_features: torch.Tensor,
         trim_input_ids: torch.LongTensor,
         trim_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return `p = softmax(-s)` over the patches of each image, float32 of shape `(num_images, N)`.
 
-        `s_i = P_i . t` with `P = visual_projection(post_layernorm(V))` and `t` the CLIP text embedding of the image's
-        question, both unnormalised. The projections and the dot product run in float32.
+        `s_i = P_i . t` with `P = visual_projection(patch_features)`, `patch_features = post_layernorm(V)` of shape
+        `(num_images, N, Dv)`, and `t` the CLIP text embedding of the image's question, both unnormalised. The
+        projections and the dot product run in float32, also under mixed precision (autocast is switched off here).
         """
         text_outputs = self.text_model(input_ids=trim_input_ids, attention_mask=trim_attention_mask)
-        projection_dtype = self.text_projection.weight.dtype
-        text_embeds = self.text_projection(text_outputs.pooler_output.to(projection_dtype)).float()  # (num_images, D)
-
-        patches = post_layernorm(image_features)  # (num_images, N, Dv)
-        projection_dtype = self.visual_projection.weight.dtype
-        patch_embeds = self.visual_projection(patches.to(projection_dtype)).float()  # (num_images, N, D)
-
-        scores = torch.einsum("ind,id->in", patch_embeds, text_embeds.to(patch_embeds.device))  # (num_images, N)
+        with torch.autocast(device_type=patch_features.device.type, enabled=False):
+            projection_dtype = self.text_projection.weight.dtype
+            text_embeds = self.text_projection(text_outputs.pooler_output.to(projection_dtype)).float()  # (images, D)
+            projection_dtype = self.visual_projection.weight.dtype
+            patch_embeds = self.visual_projection(patch_features.to(projection_dtype)).float()  # (images, N, D)
+            scores = torch.einsum("ind,id->in", patch_embeds, text_embeds.to(patch_embeds.device))  # (images, N)
         return torch.softmax(-scores, dim=-1)
 
 
@@ -331,8 +330,10 @@ class LlavaTrimPreTrainedModel(LlavaPreTrainedModel):
     config: LlavaTrimConfig
     config_class = LlavaTrimConfig
     _auto_class = "AutoModel"
-    # TRIM's scores must not drift with the model dtype or quantisation
+    # TRIM's scores must not drift with the model dtype or quantisation: `_keep_in_fp32_modules` covers float16 loads
+    # and keeps quantisers away from the projections, `_keep_in_fp32_modules_strict` covers bfloat16 loads
     _keep_in_fp32_modules = ["text_projection", "visual_projection"]
+    _keep_in_fp32_modules_strict = ["text_projection", "visual_projection"]
 
 
 class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
@@ -403,7 +404,8 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
                 f"`trim_input_ids` has {trim_input_ids.shape[0]} rows but there are {num_images} images: pass one "
                 "CLIP-tokenised question per image, in `pixel_values` order."
             )
-        probs = self.trim_scorer(features, self.vision_tower.post_layernorm, trim_input_ids, trim_attention_mask)
+        patches = self.vision_tower.post_layernorm(features)  # (num_images, N, Dv), CLIP's layer norm on layer -2
+        probs = self.trim_scorer(patches, trim_input_ids, trim_attention_mask)
         probs = probs.to(features.device)
         tokens, keep = trim_image_tokens(
             features, probs, trim_ratio, self.config.trim_iqr_multiplier, self.config.trim_scope

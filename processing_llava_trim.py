@@ -23,7 +23,13 @@ from transformers.utils import is_numpy_array, logging
 
 logger = logging.get_logger(__name__)
 
+# LLaVA-1.5 trains (`--version v1`) and evaluates (`--conv-mode vicuna_v1`) with `conv_vicuna_v1`'s system sentence;
+# LLaVA's `conv_llava_v1` has the same layout with another sentence (pass it as a leading system message to use it).
 VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAVA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
@@ -631,4 +637,12 @@ def add_image_token(tokenizer, image_token: str = "<image>") -> int:
     return tokenizer.convert_tokens_to_ids(image_token)
 
 
-__all__ = ["LlavaTrimProcessor", "VICUNA_V1_CHAT_TEMPLATE", "add_image_token", "extract_question", "load_image"]
+__all__ = [
+    "LLAVA_V1_SYSTEM",
+    "VICUNA_V1_CHAT_TEMPLATE",
+    "VICUNA_V1_SYSTEM",
+    "LlavaTrimProcessor",
+    "add_image_token",
+    "extract_question",
+    "load_image",
+]

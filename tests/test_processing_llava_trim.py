@@ -25,8 +25,8 @@ from llava_trim.tools.tiny_tokenizers import (
 )
 
 SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
 )
 QUESTION = "What is the colour of the bus?"
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])

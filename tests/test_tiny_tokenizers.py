@@ -6,6 +6,7 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPTokenizer
 
+from llava_trim.processing_llava_trim import LLAVA_V1_SYSTEM
 from llava_trim.tools.tiny_tokenizers import (
     CLIP_BOS_ID,
     CLIP_EOS_ID,
@@ -13,7 +14,6 @@ from llava_trim.tools.tiny_tokenizers import (
     LLAMA_IMAGE_TOKEN_ID,
     LLAMA_PAD_ID,
     LLAMA_VOCAB_SIZE,
-    VICUNA_SYSTEM,
     build_clip_image_processor,
     build_clip_tokenizer,
     build_llama_tokenizer,
@@ -21,7 +21,7 @@ from llava_trim.tools.tiny_tokenizers import (
 )
 
 SENTENCES = [
-    VICUNA_SYSTEM + " USER: What is the colour of the bus? ASSISTANT: Red.",
+    LLAVA_V1_SYSTEM + " USER: What is the colour of the bus? ASSISTANT: Red.",
     "Is there a zebra near 42 tall giraffes?",
     "Unseen wörds, émojis 🚌 and 日本語 fall back to bytes.",
 ]

@@ -40,12 +40,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
-# The system prompt of LLaVA-1.5's `vicuna_v1` conversation template, used when the processor has no chat template.
-VICUNA_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-
+from ..processing_llava_trim import VICUNA_V1_SYSTEM
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Settings
@@ -519,7 +514,7 @@ def build_prompt(processor, question: str) -> str:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
     image_token = getattr(processor, "image_token", "<image>")
-    return f"{VICUNA_SYSTEM} USER: {image_token}\n{question} ASSISTANT:"
+    return f"{VICUNA_V1_SYSTEM} USER: {image_token}\n{question} ASSISTANT:"
 
 
 class FirstTokenTimer(BaseStreamer):

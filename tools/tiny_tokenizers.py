@@ -24,6 +24,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from ..processing_llava_trim import LLAVA_V1_SYSTEM, LlavaTrimProcessor
+
 # Vocabulary sizes and special-token ids of the tiny tokenizers (asserted when they are built).
 LLAMA_VOCAB_SIZE = 1000
 LLAMA_UNK_ID, LLAMA_BOS_ID, LLAMA_EOS_ID = 0, 1, 2
@@ -34,13 +36,8 @@ CLIP_EOS_ID = CLIP_VOCAB_SIZE - 1  # <|endoftext|>: 999 (also CLIP's pad and unk
 CLIP_PAD_ID = CLIP_EOS_ID
 CLIP_MAX_LENGTH = 77
 
-VICUNA_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-
 _CORPUS_LINES = [
-    VICUNA_SYSTEM,
+    LLAVA_V1_SYSTEM,
     "USER: What is the colour of the bus? ASSISTANT: The bus is red.",
     "USER: What is the color of the car? ASSISTANT: The car is blue.",
     "USER: How many people are in the picture? ASSISTANT: There are three people in the picture.",
@@ -351,8 +348,6 @@ def build_tiny_processor(save_dir: str | Path | None = None, image_seq_length: i
     import tempfile
 
     from transformers import AddedToken, AutoTokenizer
-
-    from ..processing_llava_trim import LlavaTrimProcessor
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = AutoTokenizer.from_pretrained(build_llama_tokenizer(Path(tmp) / "llama"))

@@ -1,0 +1,589 @@
+# Copyright 2026 The llava-trim authors. Licensed under the Apache License, Version 2.0.
+"""Fine-tune LLaVA-1.5 with TRIM in the loop, with `transformers.Trainer` (optionally LoRA through `peft`).
+
+Data is LLaVA's conversation JSON (a list of records, or one record per line):
+
+```json
+[{"id": "0", "image": "coco/0001.jpg",
+  "conversations": [{"from": "human", "value": "<image>\\nWhat is on the table?"},
+                    {"from": "gpt", "value": "A bowl of fruit."}]}]
+```
+
+Reading order: the prompt ([`build_vicuna_v1_prompt`]), the dataset ([`LlavaConversationDataset`]), the collator
+([`LlavaTrimDataCollator`]: prompt -> token ids, labels, pixels and TRIM's question), what is trained
+([`configure_trainable_parameters`], [`apply_lora`]), then the command line ([`main`]).
+
+```bash
+python -m llava_trim.tools.finetune --model llava-v1.5-7b-trim --data llava_v1_5_mix665k.json \
+    --image-folder data/ --output llava-trim-ft --lora --bf16 --gradient-checkpointing
+```
+"""
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..configuration_llava_trim import check_trim_ratio
+from ..processing_llava_trim import LLAVA_V1_SYSTEM, VICUNA_V1_SYSTEM, expand_to_square, load_image
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+
+_USER, _ASSISTANT = "USER", "ASSISTANT"
+_SEP, _SEP2 = " ", "</s>"  # after a user turn / after an assistant turn (Llama's end-of-sequence token)
+_ROLES = {"human": _USER, "user": _USER, "gpt": _ASSISTANT, "assistant": _ASSISTANT}
+
+# Llama decoder projections that LoRA adapts; nothing in the vision tower or the CLIP text tower matches.
+LORA_TARGET_MODULES = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+# Modules to leave unquantised with `BitsAndBytesConfig(llm_int8_skip_modules=...)`: the vision tower and CLIP's
+# text tower and projections (TRIM's scores), the multimodal projector and the LM head. Patterns are matched from the
+# start of the module name, so they hold for `AutoModelForImageTextToText` and for `AutoModel` alike.
+QUANTIZATION_SKIP_MODULES = [
+    r"(model\.)?vision_tower",
+    r"(model\.)?trim_scorer",
+    r"(model\.)?multi_modal_projector",
+    "lm_head",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompt
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VicunaPrompt:
+    """One conversation rendered with the vicuna_v1 template.
+
+    Attributes:
+        text (`str`): the whole prompt, answers included.
+        answer_spans (`list[tuple[int, int]]`): character ranges `[start, end)` of `text` that are supervised: each
+            assistant answer followed by its closing `</s>`.
+        questions (`list[str]`): the text of every user turn, image placeholder removed, in order.
+        num_images (`int`): image placeholders in `text`.
+    """
+
+    text: str
+    answer_spans: list[tuple[int, int]]
+    questions: list[str]
+    num_images: int
+
+
+def build_vicuna_v1_prompt(
+    conversations: Sequence[dict[str, str]],
+    system_prompt: str = VICUNA_V1_SYSTEM,
+    image_placeholder: str = IMAGE_PLACEHOLDER,
+) -> VicunaPrompt:
+    """Render LLaVA conversation turns as LLaVA-1.5 trains on them (vicuna_v1, `SeparatorStyle.TWO`).
+
+    `"{system} USER: <image>\\n{question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT: {answer}</s>"`
+
+    As in LLaVA's preprocessing, a turn holding the image placeholder gets it moved to its start followed by a newline,
+    a leading assistant turn is dropped, and user and assistant turns must alternate.
+
+    Args:
+        conversations (`Sequence[dict]`): turns `{"from": "human" | "gpt", "value": str}` (`"user"` and
+            `"assistant"` are accepted too).
+        system_prompt (`str`): the system sentence ([`VICUNA_V1_SYSTEM`] by default).
+        image_placeholder (`str`): the image marker in the turns' text.
+    """
+    turns = list(conversations)
+    if turns and _ROLES.get(str(turns[0].get("from", "")).lower()) == _ASSISTANT:
+        turns = turns[1:]  # LLaVA skips a conversation's first turn when the assistant speaks first
+    if not turns:
+        raise ValueError("The conversation has no user turn: give at least one `human` turn and one `gpt` turn.")
+
+    text = system_prompt + _SEP
+    answer_spans, questions, num_images = [], [], 0
+    for index, turn in enumerate(turns):
+        speaker, value = turn.get("from"), turn.get("value")
+        role = _ROLES.get(str(speaker).lower())
+        if role is None or not isinstance(value, str):
+            raise ValueError(
+                f"Turn {index} is {turn!r}: every turn needs `from` ('human' or 'gpt') and a string `value`."
+            )
+        expected = _USER if index % 2 == 0 else _ASSISTANT
+        if role != expected:
+            raise ValueError(
+                f"Turn {index} is from {speaker!r} but a {'human' if expected == _USER else 'gpt'} turn was expected: "
+                "user and assistant turns must alternate, starting with the user."
+            )
+        if role == _USER:
+            if image_placeholder in value:
+                num_images += value.count(image_placeholder)
+                value = image_placeholder + "\n" + value.replace(image_placeholder, "").strip()
+            questions.append(value.replace(image_placeholder, "").strip())
+            text += f"{_USER}: {value}{_SEP}"
+        else:
+            text += f"{_ASSISTANT}: "
+            start = len(text)
+            text += value + _SEP2
+            answer_spans.append((start, len(text)))
+    if len(turns) % 2:  # a trailing user turn without an answer: nothing to learn from it, keep the prompt open
+        text += f"{_ASSISTANT}:"
+    return VicunaPrompt(text, answer_spans, questions, num_images)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dataset
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LlavaConversationDataset(torch.utils.data.Dataset):
+    """LLaVA's conversation records; images are opened lazily, as RGB, when an item is read.
+
+    Args:
+        data (`str`, `Path` or `list[dict]`): a JSON file (a list of records, or JSON lines) or the records themselves.
+        image_folder (`str` or `Path`, *optional*): where the records' `image` paths are relative to.
+    """
+
+    def __init__(self, data: str | Path | list[dict], image_folder: str | Path | None = None):
+        if isinstance(data, (str, Path)):
+            raw = Path(data).read_text(encoding="utf-8")
+            try:
+                records = json.loads(raw)
+            except json.JSONDecodeError:
+                records = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        else:
+            records = list(data)
+        if not isinstance(records, list):
+            raise ValueError(f"{data}: expected a JSON list of records like LLaVA's, got {type(records).__name__}.")
+        for position, record in enumerate(records):
+            if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+                raise ValueError(
+                    f"Record {position} has no `conversations` list: every record looks like "
+                    '{"id": ..., "image": "path.jpg", "conversations": [{"from": "human", "value": ...}, ...]}.'
+                )
+            if "image" in record and not isinstance(record["image"], str):
+                raise ValueError(
+                    f"Record {position} ({record.get('id')!r}) has `image` = {record['image']!r}: one image path per "
+                    "record is supported (LLaVA-1.5's format)."
+                )
+        self.records = records
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        image = None
+        if record.get("image"):
+            path = Path(record["image"])
+            if self.image_folder is not None and not path.is_absolute():
+                path = self.image_folder / path
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"Record {record.get('id', index)!r}: image {path} not found; check `--image-folder`."
+                )
+            image = load_image(str(path))
+        return {"id": record.get("id", index), "image": image, "conversations": record["conversations"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Collator
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LlavaTrimDataCollator:
+    """Turn LLaVA conversation records into a training batch for `LlavaTrimForConditionalGeneration`.
+
+    Each record becomes the vicuna_v1 prompt of LLaVA-1.5, tokenised as the model's processor tokenises prompts at
+    inference (LLaVA's `tokenizer_image_token`), with:
+
+    - `input_ids` / `attention_mask` `(batch, length)`, right-padded: the image placeholder expanded to
+      `image_seq_length` image tokens (the model compacts them to what TRIM keeps);
+    - `labels` `(batch, length)`: the token ids of every assistant answer and its closing `</s>`, `-100` elsewhere
+      (system prompt, user turns, role names, image tokens, padding), as LLaVA-1.5's `preprocess_v1`;
+    - `pixel_values` `(num_images, 3, H, W)` for the rows with an image, in row order;
+    - `trim_input_ids` / `trim_attention_mask` `(num_images, <=77)`: TRIM's question for each image, CLIP-tokenised.
+
+    TRIM's question is the text of the first user turn by default (`trim_question="first"`): in LLaVA's data the image
+    comes with that turn and the question asked about the image is there, and one selection serves all the answers of
+    the conversation, which are trained in a single pass. For single-turn records (most of LLaVA-1.5's mix) it is the
+    same question the processor uses at inference (the last user turn). `trim_question="last"` uses the last user turn.
+
+    Args:
+        tokenizer: the Llama tokenizer (a fast tokenizer holding `image_token` as one token, like the converted
+            checkpoints' tokenizer).
+        clip_tokenizer: CLIP's tokenizer, for TRIM's question.
+        image_processor: CLIP's image processor.
+        image_token (`str`): the image placeholder, in the records and in the tokenizer.
+        image_seq_length (`int`): image tokens per image (576 for CLIP ViT-L/14 at 336 px).
+        system_prompt (`str`): the system sentence of the template.
+        trim_question (`str`): `"first"` or `"last"` user turn.
+        pad_to_square (`bool`): pad images to a square with the image mean colour first (LLaVA-1.5's default).
+        max_length (`int`, *optional*): truncate longer sequences (image tokens counted); an image cut by the limit is
+            an error.
+    """
+
+    tokenizer: Any
+    clip_tokenizer: Any
+    image_processor: Any
+    image_token: str = IMAGE_PLACEHOLDER
+    image_seq_length: int = 576
+    system_prompt: str = VICUNA_V1_SYSTEM
+    trim_question: str = "first"
+    pad_to_square: bool = True
+    max_length: int | None = None
+
+    def __post_init__(self):
+        if self.trim_question not in ("first", "last"):
+            raise ValueError(f"`trim_question` must be 'first' or 'last', got {self.trim_question!r}.")
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(
+                "The collator needs a fast (tokenizers-backed) Llama tokenizer to align labels with the prompt: load "
+                "it with `AutoTokenizer.from_pretrained(...)` (the default)."
+            )
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
+            raise ValueError(
+                f"The tokenizer has no {self.image_token!r} token. Use the tokenizer saved with the converted model, "
+                f"or add it: `tokenizer.add_special_tokens({{'additional_special_tokens': [{self.image_token!r}]}})` "
+                "with the id `model.config.image_token_id`."
+            )
+        self.pad_token_id = self.tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = self.tokenizer.unk_token_id  # what LLaVA-1.5 pads with; the attention mask hides it
+
+    @classmethod
+    def from_processor(cls, processor, **kwargs) -> "LlavaTrimDataCollator":
+        """Build from a [`LlavaTrimProcessor`] (its tokenizer, CLIP tokenizer, image processor and image token)."""
+        kwargs.setdefault("image_token", getattr(processor, "image_token", IMAGE_PLACEHOLDER))
+        kwargs.setdefault("image_seq_length", getattr(processor, "image_seq_length", 576))
+        return cls(processor.tokenizer, processor.clip_tokenizer, processor.image_processor, **kwargs)
+
+    def encode_text(self, conversations: Sequence[dict[str, str]]) -> dict[str, Any]:
+        """Token ids and labels of one conversation (image tokens expanded) and its TRIM question.
+
+        The text between image placeholders is tokenised piece by piece (the first piece with `<s>`), as LLaVA's
+        `tokenizer_image_token` and the model's processor do, so training sees the token ids inference sees.
+        """
+        prompt = build_vicuna_v1_prompt(conversations, self.system_prompt, self.image_token)
+        input_ids, labels = [], []
+        chunk_start = 0  # where the current piece starts in `prompt.text`
+        for index, chunk in enumerate(prompt.text.split(self.image_token)):
+            if index > 0:
+                input_ids += [self.image_token_id] * self.image_seq_length
+                labels += [IGNORE_INDEX] * self.image_seq_length
+                chunk_start += len(self.image_token)
+            encoding = self.tokenizer(chunk, add_special_tokens=index == 0, return_offsets_mapping=True)
+            for token_id, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True):
+                start, end = chunk_start + start, chunk_start + end
+                # a token is supervised when it covers answer characters (" The" after "ASSISTANT:" does)
+                supervised = end > start and any(start < stop and end > begin for begin, stop in prompt.answer_spans)
+                input_ids.append(token_id)
+                labels.append(token_id if supervised else IGNORE_INDEX)
+            chunk_start += len(chunk)
+
+        if self.max_length is not None and len(input_ids) > self.max_length:
+            if input_ids[: self.max_length].count(self.image_token_id) != input_ids.count(self.image_token_id):
+                raise ValueError(
+                    f"A conversation is {len(input_ids)} tokens long and `max_length={self.max_length}` cuts its "
+                    f"image ({self.image_seq_length} tokens): raise `max_length` or shorten the conversation."
+                )
+            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
+        num_images = input_ids.count(self.image_token_id) // self.image_seq_length
+        question = None
+        if num_images:
+            question = prompt.questions[0] if self.trim_question == "first" else prompt.questions[-1]
+        return {"input_ids": input_ids, "labels": labels, "num_images": num_images, "question": question}
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows, images, questions = [], [], []
+        for example in examples:
+            encoded = self.encode_text(example["conversations"])
+            has_image = example.get("image") is not None
+            if encoded["num_images"] != int(has_image):
+                raise ValueError(
+                    f"Record {example.get('id')!r} has {'an' if has_image else 'no'} image and "
+                    f"{encoded['num_images']} {self.image_token!r} placeholder(s) in its turns: a record with an "
+                    f"image needs exactly one {self.image_token!r} in a human turn, and one without an image none."
+                )
+            rows.append(encoded)
+            if has_image:
+                images.append(example["image"])
+                questions.append(encoded["question"])
+
+        length = max(len(row["input_ids"]) for row in rows)
+        batch_size = len(rows)
+        input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+        for row_index, row in enumerate(rows):  # right padding, for training
+            n = len(row["input_ids"])
+            input_ids[row_index, :n] = torch.tensor(row["input_ids"])
+            labels[row_index, :n] = torch.tensor(row["labels"])
+            attention_mask[row_index, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+        if images:
+            images = [load_image(image) for image in images]
+            if self.pad_to_square:  # as the processor does at inference
+                background = tuple(int(255 * mean) for mean in self.image_processor.image_mean)
+                size = getattr(getattr(self.image_processor, "crop_size", None), "height", None) or 336
+                images = [expand_to_square(image, background, size) for image in images]
+            batch["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
+            clip_max_length = min(getattr(self.clip_tokenizer, "model_max_length", 77), 77)
+            trim = self.clip_tokenizer(
+                questions, padding=True, truncation=True, max_length=clip_max_length, return_tensors="pt"
+            )
+            batch["trim_input_ids"], batch["trim_attention_mask"] = trim["input_ids"], trim["attention_mask"]
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What is trained
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def configure_trainable_parameters(model, train_language_model: bool = True, train_projector: bool = True) -> int:
+    """Freeze the model except the multimodal projector and the language model (LLaVA-1.5's fine-tuning recipe).
+
+    The CLIP vision tower, the CLIP text tower and CLIP's projections (TRIM's scorer) stay frozen: TRIM's choice is a
+    hard selection that no gradient flows through, and the scorer must keep matching the vision features it was
+    trained with. Returns the number of trainable parameters.
+    """
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(train_projector)
+    model.model.language_model.requires_grad_(train_language_model)
+    model.lm_head.requires_grad_(train_language_model)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def apply_lora(model, r: int = 128, alpha: int = 256, dropout: float = 0.05, train_projector: bool = True):
+    """Wrap `model` with LoRA adapters on the Llama decoder's projections (LLaVA-1.5's LoRA recipe: r=128, alpha=256).
+
+    Everything else is frozen; the multimodal projector is trained in full (a `peft` `modules_to_save` copy) unless
+    `train_projector=False`. Returns the `peft` model.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    model.requires_grad_(False)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=LORA_TARGET_MODULES,
+        modules_to_save=["multi_modal_projector"] if train_projector else None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _parse_trim_ratio(value: str) -> float | str | None:
+    """`--trim-ratio`: 'config' (keep the model's), 'none'/'off', or a number (validated by the model's config)."""
+    if value.lower() == "config":
+        return "config"
+    if value.lower() in ("none", "off"):
+        return None
+    return float(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m llava_trim.tools.finetune",
+        description="Fine-tune a LLaVA-TRIM model on LLaVA conversation data with transformers.Trainer.",
+    )
+    parser.add_argument("--model", required=True, help="Model folder or Hub id (a converted LLaVA-TRIM repository).")
+    parser.add_argument("--data", required=True, help="LLaVA conversation JSON (list of records, or JSON lines).")
+    parser.add_argument("--image-folder", default=None, help="Folder the records' image paths are relative to.")
+    parser.add_argument("--output", required=True, help="Where to write the fine-tuned model and processor.")
+    parser.add_argument("--lora", action="store_true", help="Train LoRA adapters (and the projector) instead.")
+    parser.add_argument("--lora-r", type=int, default=128)
+    parser.add_argument("--lora-alpha", type=int, default=256)
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--freeze-language-model", action="store_true", help="Train the projector only.")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision.")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--trim-ratio",
+        type=_parse_trim_ratio,
+        default="config",
+        help="TRIM mode while training, saved in the model's config: -1 (automatic), a fraction, or 'none' "
+        "(default: the model's config).",
+    )
+    parser.add_argument("--trim-question", choices=("first", "last"), default="first")
+    parser.add_argument("--system-prompt", default=VICUNA_V1_SYSTEM)
+    parser.add_argument("--no-pad-to-square", dest="pad_to_square", action="store_false")
+    parser.add_argument("--max-length", type=int, default=2048, help="Token limit, image tokens counted.")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--batch-size", type=int, default=4, help="Per device.")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=None, help="Default: 2e-5, or 2e-4 with --lora.")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--warmup-ratio", type=float, default=0.03)
+    parser.add_argument("--lr-scheduler", default="cosine")
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--save-steps", type=int, default=0, help="Also save a checkpoint every N steps (0: never).")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--num-workers", type=int, default=0, help="Data loader worker processes.")
+    parser.add_argument("--attn-implementation", default=None, help="'sdpa' (default), 'eager', 'flash_attention_2'.")
+    parser.add_argument("--tokenizer", default=None, help="Llama tokenizer folder, when --model has no processor.")
+    parser.add_argument("--clip-tokenizer", default=None, help="CLIP tokenizer folder, when --model has no processor.")
+    parser.add_argument("--image-processor", default=None, help="CLIP image processor folder, likewise.")
+    return parser
+
+
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def load_preprocessing(args: argparse.Namespace):
+    """The processor saved with the model, or the three pieces named on the command line: `(processor, pieces)`."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    pieces = (args.tokenizer, args.clip_tokenizer, args.image_processor)
+    if all(pieces):
+        return None, (
+            AutoTokenizer.from_pretrained(args.tokenizer),
+            AutoTokenizer.from_pretrained(args.clip_tokenizer),
+            AutoImageProcessor.from_pretrained(args.image_processor),
+        )
+    if any(pieces):
+        raise ValueError("Pass all three of --tokenizer, --clip-tokenizer and --image-processor, or none of them.")
+    try:
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Could not load the processor of {args.model} ({error}). Point --tokenizer, --clip-tokenizer and "
+            "--image-processor at the preprocessing folders instead."
+        ) from error
+    return processor, (processor.tokenizer, processor.clip_tokenizer, processor.image_processor)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run fine-tuning from the command line (`python -m llava_trim.tools.finetune --help`)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.trim_ratio != "config":
+        try:
+            check_trim_ratio(args.trim_ratio)
+        except ValueError as error:
+            parser.error(str(error))
+    from transformers import AutoModelForImageTextToText, Trainer, TrainingArguments, set_seed
+
+    set_seed(args.seed)
+    output = Path(args.output)
+    processor, (tokenizer, clip_tokenizer, image_processor) = load_preprocessing(args)
+    collator_kwargs = {
+        "system_prompt": args.system_prompt,
+        "trim_question": args.trim_question,
+        "pad_to_square": args.pad_to_square,
+        "max_length": args.max_length,
+    }
+    if processor is not None:
+        collator = LlavaTrimDataCollator.from_processor(processor, **collator_kwargs)
+    else:
+        collator = LlavaTrimDataCollator(tokenizer, clip_tokenizer, image_processor, **collator_kwargs)
+
+    # LoRA keeps the frozen base in bfloat16; full fine-tuning keeps float32 master weights under mixed precision
+    dtype = torch.bfloat16 if args.bf16 and args.lora else torch.float32
+    model_kwargs = {"dtype": dtype, "trust_remote_code": True}
+    if args.attn_implementation:
+        model_kwargs["attn_implementation"] = args.attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(args.model, **model_kwargs)
+    if args.trim_ratio != "config":
+        model.config.trim_ratio = args.trim_ratio
+    model.config.use_cache = False
+    collator.image_seq_length = model.config.image_seq_length
+    if collator.image_token_id != model.config.image_token_id:
+        raise ValueError(
+            f"The tokenizer's {collator.image_token!r} is id {collator.image_token_id} but the model expects "
+            f"{model.config.image_token_id}: use the tokenizer saved with the model."
+        )
+
+    if args.lora:
+        model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, not args.freeze_language_model)
+        learning_rate = args.learning_rate or 2e-4
+    else:
+        configure_trainable_parameters(model, train_language_model=not args.freeze_language_model)
+        learning_rate = args.learning_rate or 2e-5
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+
+    training_args = TrainingArguments(
+        output_dir=str(output / "checkpoints"),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_ratio,
+        lr_scheduler_type=args.lr_scheduler,
+        logging_steps=args.logging_steps,
+        save_strategy="steps" if args.save_steps > 0 else "no",
+        save_steps=args.save_steps if args.save_steps > 0 else 500,
+        bf16=args.bf16,
+        activation_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        dataloader_num_workers=args.num_workers,
+        remove_unused_columns=False,  # the collator needs the raw records
+        label_names=["labels"],
+        report_to="none",
+        seed=args.seed,
+        use_cpu=not _accelerator_available(),
+    )
+    dataset = LlavaConversationDataset(args.data, args.image_folder)
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator)
+    trainer.train()
+
+    save_finetuned(trainer.model, output, processor)
+    print(f"saved the fine-tuned model to {output}")
+
+
+def save_finetuned(model, output: str | Path, processor=None) -> Path:
+    """Save a fine-tuned model as a loadable repository (code files included); LoRA is merged, its adapter kept.
+
+    With a `peft` model, the adapter goes to `output/lora_adapter` and the merged model to `output`, so that
+    `AutoModelForImageTextToText.from_pretrained(output, trust_remote_code=True)` loads the result either way.
+    """
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(output / "lora_adapter")
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    model.save_pretrained(output)
+    if processor is not None:
+        processor.save_pretrained(output)
+    return output
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LLAVA_V1_SYSTEM",
+    "LORA_TARGET_MODULES",
+    "LlavaConversationDataset",
+    "LlavaTrimDataCollator",
+    "QUANTIZATION_SKIP_MODULES",
+    "VICUNA_V1_SYSTEM",
+    "VicunaPrompt",
+    "apply_lora",
+    "build_parser",
+    "build_vicuna_v1_prompt",
+    "configure_trainable_parameters",
+    "load_preprocessing",
+    "main",
+    "save_finetuned",
+]
+
+
+if __name__ == "__main__":
+    main()
