@@ -260,13 +260,14 @@ class LlavaTrimModelOutputWithPast(LlavaModelOutputWithPast):
 
     Attributes:
         trim_selection ([`TrimSelection`], *optional*): per-image keep masks; `None` when the call had no image.
-        compacted_input_ids, compacted_attention_mask (`torch.LongTensor` of shape `(batch, new_length)`, *optional*):
-            the sequence the language model ran on, aligned with `last_hidden_state`.
+        compacted_input_ids, compacted_attention_mask, compacted_labels (`torch.LongTensor`, *optional*): the
+            sequence the language model ran on, aligned with `last_hidden_state`.
     """
 
     trim_selection: TrimSelection | None = None
     compacted_input_ids: torch.LongTensor | None = None
     compacted_attention_mask: torch.LongTensor | None = None
+    compacted_labels: torch.LongTensor | None = None
 
 
 @dataclass
@@ -483,19 +484,21 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
         trim_input_ids: torch.LongTensor | None = None,
         trim_attention_mask: torch.Tensor | None = None,
         trim_ratio: float | None | _FromConfig = FROM_CONFIG,
+        labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> LlavaTrimModelOutputWithPast:
         """Like [`LlavaModel.forward`], with TRIM between the vision tower and the language model.
 
         With `pixel_values`, `last_hidden_state` follows the compacted sequence returned as `compacted_input_ids` /
-        `compacted_attention_mask`. `trim_ratio` overrides `config.trim_ratio` for this call only.
+        `compacted_attention_mask`; `labels`, aligned with `input_ids`, come back aligned with it as
+        `compacted_labels` (-100 on image positions). `trim_ratio` overrides `config.trim_ratio` for this call only.
         """
         trimmed = None
         if pixel_values is not None:
             if inputs_embeds is not None:
                 raise ValueError("Pass `input_ids` with `pixel_values`, not `inputs_embeds`.")
             trimmed = self.trim_inputs(
-                input_ids, pixel_values, attention_mask, trim_input_ids, trim_attention_mask, trim_ratio
+                input_ids, pixel_values, attention_mask, trim_input_ids, trim_attention_mask, trim_ratio, labels
             )
             attention_mask, inputs_embeds = trimmed.sequence.attention_mask, trimmed.inputs_embeds
             if trimmed.sequence.position_ids is not None:
@@ -518,6 +521,7 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
             trim_selection=trimmed.selection if trimmed else None,
             compacted_input_ids=trimmed.sequence.input_ids if trimmed else None,
             compacted_attention_mask=trimmed.sequence.attention_mask if trimmed else None,
+            compacted_labels=trimmed.sequence.labels if trimmed else labels,
         )
 
 
@@ -576,25 +580,17 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
         with the caller's `input_ids`) are compacted alongside (`compacted_labels`, -100 on image positions) before
         the loss.
         """
-        trimmed = None
-        if pixel_values is not None:
-            if inputs_embeds is not None:
-                raise ValueError("Pass `input_ids` with `pixel_values`, not `inputs_embeds`.")
-            trimmed = self.model.trim_inputs(
-                input_ids, pixel_values, attention_mask, trim_input_ids, trim_attention_mask, trim_ratio, labels
-            )
-            sequence = trimmed.sequence
-            input_ids, inputs_embeds = None, trimmed.inputs_embeds
-            attention_mask, labels = sequence.attention_mask, sequence.labels
-            if sequence.position_ids is not None:
-                position_ids = sequence.position_ids
-
         outputs = self.model(
             input_ids=input_ids,
+            pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
+            trim_input_ids=trim_input_ids,
+            trim_attention_mask=trim_attention_mask,
+            trim_ratio=trim_ratio,
+            labels=labels,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -603,7 +599,7 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
         loss = None
         if labels is not None:
             loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                logits=logits, labels=outputs.compacted_labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
 
         return LlavaTrimCausalLMOutputWithPast(
@@ -612,10 +608,10 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            trim_selection=trimmed.selection if trimmed else None,
-            compacted_input_ids=trimmed.sequence.input_ids if trimmed else None,
-            compacted_attention_mask=trimmed.sequence.attention_mask if trimmed else None,
-            compacted_labels=trimmed.sequence.labels if trimmed else None,
+            trim_selection=outputs.trim_selection,
+            compacted_input_ids=outputs.compacted_input_ids,
+            compacted_attention_mask=outputs.compacted_attention_mask,
+            compacted_labels=outputs.compacted_labels if pixel_values is not None else None,
         )
 
     def generate(
