@@ -182,24 +182,27 @@ def compact_image_runs(
     copies = copies * attention_mask.bool()  # (batch, length)
 
     new_lengths = copies.sum(dim=1)  # (batch,)
-    new_length = int(new_lengths.max())
-    pad_left = bool((attention_mask[:, 0] == 0).any()) or not bool((attention_mask[:, -1] == 0).any())
+    # every size the compaction needs in one host transfer (a single device sync on GPU)
+    new_length, total, padded_left, padded_right = torch.stack(
+        [new_lengths.max(), new_lengths.sum(), (attention_mask[:, 0] == 0).any(), (attention_mask[:, -1] == 0).any()]
+    ).tolist()
+    pad_left = bool(padded_left) or not padded_right
     flat_copies = copies.flatten()
-    rows = torch.arange(batch_size, device=input_ids.device).repeat_interleave(new_lengths)  # (total,)
+    rows = torch.arange(batch_size, device=input_ids.device).repeat_interleave(new_lengths, output_size=total)
     row_starts = new_lengths.cumsum(0) - new_lengths
-    destination = torch.arange(rows.shape[0], device=input_ids.device) - row_starts[rows]
+    destination = torch.arange(total, device=input_ids.device) - row_starts[rows]
     if pad_left:
         destination = destination + (new_length - new_lengths)[rows]
 
     new_input_ids = input_ids.new_full((batch_size, new_length), pad_token_id)
-    new_input_ids[rows, destination] = input_ids.flatten().repeat_interleave(flat_copies)
+    new_input_ids[rows, destination] = input_ids.flatten().repeat_interleave(flat_copies, output_size=total)
     new_attention_mask = attention_mask.new_zeros((batch_size, new_length))
     new_attention_mask[rows, destination] = 1
     position_ids = (new_attention_mask.long().cumsum(dim=1) - 1).masked_fill(new_attention_mask == 0, 0)
     new_labels = None
     if labels is not None:
         new_labels = labels.new_full((batch_size, new_length), -100)
-        new_labels[rows, destination] = labels.flatten().repeat_interleave(flat_copies)
+        new_labels[rows, destination] = labels.flatten().repeat_interleave(flat_copies, output_size=total)
         new_labels = new_labels.masked_fill(new_input_ids == image_token_id, -100)
     return CompactedSequence(new_input_ids, new_attention_mask, position_ids, new_labels)
 
@@ -363,7 +366,8 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
         if not isinstance(layer, int):
             raise ValueError(f"TRIM needs a single `vision_feature_layer`, the config has {layer!r}.")
         dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
-        outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
+        # capture only the selected layer's hidden states, as native Llava does, instead of all of them
+        outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=layer)
         features = outputs.hidden_states[layer]  # (num_images, 1 + N, Dv)
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
