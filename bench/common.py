@@ -28,10 +28,11 @@ import torch
 import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from transformers import LlavaConfig, LlavaForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
+from transformers import LlavaForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
 
 from llava_trim.configuration_llava_trim import LlavaTrimConfig
 from llava_trim.modeling_llava_trim import LlavaTrimForConditionalGeneration
+from llava_trim.tools.tiny import native_llava_config
 
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 RESULTS_HEADER = (
@@ -203,16 +204,7 @@ def build_models(
         scorer.text_projection.weight.normal_(std=1.0)
     model.eval()
 
-    native_config = LlavaConfig(
-        vision_config=config.vision_config.to_dict(),
-        text_config=config.text_config.to_dict(),
-        image_token_index=config.image_token_id,
-        image_seq_length=config.image_seq_length,
-        vision_feature_layer=config.vision_feature_layer,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        projector_hidden_act=config.projector_hidden_act,
-        multimodal_projector_bias=config.multimodal_projector_bias,
-    )
+    native_config = native_llava_config(config)
     with torch.device(device):
         native = LlavaForConditionalGeneration._from_config(native_config, dtype=dtype)
     shared = {k: v for k, v in model.state_dict().items() if not k.startswith("model.trim_scorer.")}

@@ -71,10 +71,9 @@ def tiny_model(seed: int = 0, **overrides) -> LlavaTrimForConditionalGeneration:
     return model.eval()
 
 
-def native_llava(model: LlavaTrimForConditionalGeneration) -> LlavaForConditionalGeneration:
-    """The native transformers `LlavaForConditionalGeneration` holding the same LLaVA weights as `model`."""
-    config = model.config
-    native_config = LlavaConfig(
+def native_llava_config(config: LlavaTrimConfig) -> LlavaConfig:
+    """The native `LlavaConfig` describing the LLaVA part of a `LlavaTrimConfig` (everything but TRIM)."""
+    return LlavaConfig(
         vision_config=config.vision_config.to_dict(),
         text_config=config.text_config.to_dict(),
         image_token_index=config.image_token_id,
@@ -84,8 +83,11 @@ def native_llava(model: LlavaTrimForConditionalGeneration) -> LlavaForConditiona
         projector_hidden_act=config.projector_hidden_act,
         multimodal_projector_bias=config.multimodal_projector_bias,
     )
-    native = LlavaForConditionalGeneration(native_config).to(model.dtype)
+
+
+def native_llava(model: LlavaTrimForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """The native transformers `LlavaForConditionalGeneration` holding the same LLaVA weights as `model`."""
+    native = LlavaForConditionalGeneration(native_llava_config(model.config)).to(model.dtype)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.trim_scorer.")}
-    missing, unexpected = native.load_state_dict(state, strict=True), None
-    del missing, unexpected
+    native.load_state_dict(state, strict=True)
     return native.eval()
