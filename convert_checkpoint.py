@@ -579,6 +579,8 @@ def _load_tokenizer(source: LlavaSource):
     """The source's Llama tokenizer with `<image>` and `<pad>` added (special tokens), padding on the left."""
     from transformers import AddedToken, AutoTokenizer
 
+    from llava_trim.processing_llava_trim import add_image_token
+
     try:
         with _quiet_transformers():  # it also reads config.json, which is not a transformers config in most sources
             tokenizer = AutoTokenizer.from_pretrained(source.folder)
@@ -588,8 +590,7 @@ def _load_tokenizer(source: LlavaSource):
             "tokenizer.json with tokenizer_config.json."
         ) from None
     vocab = tokenizer.get_vocab()
-    if IMAGE_TOKEN not in vocab:
-        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    add_image_token(tokenizer, IMAGE_TOKEN)
     if PAD_TOKEN not in vocab:
         tokenizer.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
     tokenizer.pad_token = PAD_TOKEN
