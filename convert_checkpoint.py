@@ -413,6 +413,80 @@ def read_llava_source(folder: Path) -> LlavaSource:
     return LlavaSource(folder, "llava", config, files, weight_map, LLAVA_RULES)
 
 
+def require_files(
+    folder: Path,
+    flag: str,
+    what: str,
+    choices: list[tuple[str, ...]],
+    fix: str = "The folder is incomplete: download it again with all its files.",
+) -> None:
+    """
+    Refuse `folder` unless it holds every file of at least one of `choices`, naming the files that are missing.
+
+    Raises:
+        `ConversionError`: naming the missing files of the first choice (and the alternatives).
+    """
+    if any(all((folder / name).is_file() for name in choice) for choice in choices):
+        return
+    missing = [name for name in choices[0] if not (folder / name).is_file()]
+    others = " or ".join(", ".join(choice) for choice in choices[1:])
+    alternative = f" (or {others})" if others else ""
+    raise ConversionError(f"{flag} {folder} lacks the {what}: {', '.join(missing)} missing{alternative}. {fix}")
+
+
+CLIP_TOKENIZER_FILES = [("vocab.json", "merges.txt"), ("tokenizer.json",)]
+LLAMA_TOKENIZER_FILES = [("tokenizer.model",), ("tokenizer.json",)]
+# A question the CLIP tokenizer must give back (CLIP lowercases and splits off punctuation: compared without spaces)
+ROUND_TRIP_QUESTION = "What is the colour of the bus?"
+MIN_CLIP_VOCAB = 256  # a byte-level BPE has at least the 256 byte symbols
+
+
+def check_clip_tokenizer(tokenizer, where: str) -> None:
+    """
+    Refuse a CLIP tokenizer that does not give a question back: encode then decode must return the question (up to
+    case and spaces) from a vocabulary of at least the 256 byte symbols.
+
+    Raises:
+        `ConversionError`: naming `where` and what came back.
+    """
+    ids = tokenizer(ROUND_TRIP_QUESTION)["input_ids"]
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+
+    def squash(text: str) -> str:
+        return "".join(text.lower().split())
+
+    if len(tokenizer) < MIN_CLIP_VOCAB or squash(decoded) != squash(ROUND_TRIP_QUESTION):
+        raise ConversionError(
+            f"The CLIP tokenizer of {where} does not round-trip a question: {ROUND_TRIP_QUESTION!r} came back as "
+            f"{decoded!r} from a {len(tokenizer)}-token vocabulary, so TRIM would score patches against nothing. "
+            "Pass a CLIP folder with its complete tokenizer (vocab.json and merges.txt, or tokenizer.json)."
+        )
+
+
+def read_clip_preprocessing(folder: Path):
+    """
+    The CLIP tokenizer and image processor of `folder`, after checking their files and that the tokenizer
+    round-trips a question.
+
+    Raises:
+        `ConversionError`: naming the missing files, or when the tokenizer does not round-trip a question.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    require_files(folder, "--clip", "CLIP tokenizer", CLIP_TOKENIZER_FILES)
+    require_files(folder, "--clip", "CLIP image processor settings", [("preprocessor_config.json",)])
+    try:
+        clip_tokenizer = AutoTokenizer.from_pretrained(folder)
+        image_processor = AutoImageProcessor.from_pretrained(folder)
+    except Exception as error:
+        raise ConversionError(
+            f"Could not load the CLIP tokenizer and image processor of {folder} ({error}): the CLIP folder needs "
+            "vocab.json, merges.txt (or tokenizer.json) and preprocessor_config.json."
+        ) from None
+    check_clip_tokenizer(clip_tokenizer, f"--clip {folder}")
+    return clip_tokenizer, image_processor
+
+
 def read_clip(folder: Path):
     """The `CLIPConfig` of a full CLIP checkpoint (vision and text towers), with its weight files."""
     from transformers import AutoConfig, CLIPConfig
@@ -516,6 +590,8 @@ class ConversionPlan:
     dtype: torch.dtype
     source_dtype: torch.dtype
     tokenizer: object
+    clip_tokenizer: object
+    image_processor: object
     added_token_ids: list[int]
     suppressed_token_ids: list[int]
     llava: LlavaSource
@@ -581,6 +657,7 @@ def _load_tokenizer(source: LlavaSource):
 
     from llava_trim.processing_llava_trim import add_image_token
 
+    require_files(source.folder, "--llava", "Llama tokenizer", LLAMA_TOKENIZER_FILES)
     try:
         with _quiet_transformers():  # it also reads config.json, which is not a transformers config in most sources
             tokenizer = AutoTokenizer.from_pretrained(source.folder)
@@ -652,6 +729,7 @@ def plan_conversion(
         `ConversionError`: unknown tensor names (listed), missing tensors, shapes that do not fit CLIP or the config.
     """
     clip_config = read_clip(clip_folder)
+    clip_tokenizer, image_processor = read_clip_preprocessing(clip_folder)
     clip_files, clip_map = find_weight_files(clip_folder)
     llava_entries = _scan(llava.files, llava.weight_map)
     clip_entries = _scan(clip_files, clip_map)
@@ -821,7 +899,19 @@ def plan_conversion(
         pad_token_id,
         trim_ratio,
     )
-    return ConversionPlan(config, ordered, dtype, source_dtype, tokenizer, added, suppressed, llava, clip_folder)
+    return ConversionPlan(
+        config,
+        ordered,
+        dtype,
+        source_dtype,
+        tokenizer,
+        clip_tokenizer,
+        image_processor,
+        added,
+        suppressed,
+        llava,
+        clip_folder,
+    )
 
 
 def _listing(names: list[str], limit: int = 20) -> str:
@@ -972,22 +1062,12 @@ def write_generation_config(plan: ConversionPlan, folder: Path) -> None:
 
 def write_processor(plan: ConversionPlan, folder: Path) -> None:
     """The `LlavaTrimProcessor`: Llama tokenizer (with `<image>`, `<pad>`), CLIP tokenizer, CLIP image processor."""
-    from transformers import AutoImageProcessor, AutoTokenizer
-
     from llava_trim.processing_llava_trim import LlavaTrimProcessor
 
-    try:
-        clip_tokenizer = AutoTokenizer.from_pretrained(plan.clip_folder)
-        image_processor = AutoImageProcessor.from_pretrained(plan.clip_folder)
-    except Exception as error:
-        raise ConversionError(
-            f"Could not load the CLIP tokenizer and image processor of {plan.clip_folder} ({error}): the CLIP folder "
-            "needs vocab.json, merges.txt (or tokenizer.json) and preprocessor_config.json."
-        ) from None
     processor = LlavaTrimProcessor(
-        image_processor=image_processor,
+        image_processor=plan.image_processor,
         tokenizer=plan.tokenizer,
-        clip_tokenizer=clip_tokenizer,
+        clip_tokenizer=plan.clip_tokenizer,
         image_token=IMAGE_TOKEN,
         image_seq_length=plan.config.image_seq_length,
     )
@@ -1199,6 +1279,19 @@ def verify_output(plan: ConversionPlan, folder: Path) -> dict:
     del output_handles
 
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    require_files(
+        folder / "clip_tokenizer",
+        "Verification failed:",
+        "saved CLIP tokenizer",
+        CLIP_TOKENIZER_FILES,
+        fix="The processor would read questions with the Llama tokenizer: convert again.",
+    )
+    check_clip_tokenizer(processor.clip_tokenizer, f"the output's clip_tokenizer/ ({folder})")
+    question_ids = processor.clip_tokenizer(ROUND_TRIP_QUESTION)["input_ids"]
+    if question_ids != plan.clip_tokenizer(ROUND_TRIP_QUESTION)["input_ids"]:
+        raise ConversionError(
+            f"Verification failed: the saved CLIP tokenizer of {folder} encodes a question differently from --clip's."
+        )
     image = Image.new("RGB", (480, 360), (70, 130, 200))
     ImageDraw.Draw(image).rectangle((120, 150, 380, 260), fill=(200, 30, 30))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
@@ -1223,6 +1316,7 @@ def verify_output(plan: ConversionPlan, folder: Path) -> dict:
     print(f"verify: {len(plan.tensors)} tensors match the sources bit for bit{cast_note}")
     print("verify: loads with AutoModelForImageTextToText + trust_remote_code: no missing or unexpected weights")
     trim_note = f"TRIM kept {kept}/{plan.config.image_seq_length} image tokens" if kept is not None else "TRIM off"
+    print(f"verify: the CLIP tokenizer gives back {ROUND_TRIP_QUESTION!r}")
     print(f"verify: forward pass OK: logits {tuple(logits.shape)}, finite; {trim_note}")
     return summary
 

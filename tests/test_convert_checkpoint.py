@@ -622,3 +622,68 @@ def test_push_failure_is_clear_and_keeps_the_local_folder(sources, tmp_path, cap
     assert expected in message and f"complete in {output.resolve()}" in message
     assert create_repo.call_count == (0 if failure == "no token" else 1) and not upload_folder.called
     assert (output / "model.safetensors").is_file() and (output / "README.md").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Incomplete sources: refused, naming the missing files
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("removed", "named"),
+    [
+        (("vocab.json", "merges.txt"), "lacks the CLIP tokenizer: vocab.json, merges.txt missing (or tokenizer.json)"),
+        (("merges.txt",), "lacks the CLIP tokenizer: merges.txt missing"),
+        (("preprocessor_config.json",), "lacks the CLIP image processor settings: preprocessor_config.json missing"),
+    ],
+)
+def test_clip_without_tokenizer_files_is_refused(sources, tmp_path, capsys, removed, named):
+    clip = tmp_path / "clip"
+    shutil.copytree(sources["clip"], clip)
+    for name in removed:
+        (clip / name).unlink()
+    output = tmp_path / "nested" / "out"
+    assert convert("--llava", sources["original"], "--clip", clip, "--output", output, "--verify") == 1
+    assert named in capsys.readouterr().err
+    assert not output.parent.exists()
+
+
+def test_clip_tokenizer_that_does_not_round_trip_is_refused(sources, tmp_path, capsys):
+    """A tokenizer whose files exist but hold a trivial vocabulary turns every question into `<|endoftext|>`."""
+    clip = tmp_path / "clip"
+    shutil.copytree(sources["clip"], clip)
+    (clip / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1}))
+    (clip / "merges.txt").write_text("#version: 0.2\n")
+    output = tmp_path / "out"
+    assert convert("--llava", sources["original"], "--clip", clip, "--output", output) == 1
+    message = capsys.readouterr().err
+    assert "does not round-trip a question" in message and "'What is the colour of the bus?'" in message
+    assert leftovers(output) == []
+
+
+def test_llava_without_tokenizer_files_is_refused(sources, tmp_path, capsys):
+    source = tmp_path / "source"
+    shutil.copytree(sources["original"], source)
+    (source / "tokenizer.model").unlink()
+    output = tmp_path / "out"
+    assert convert("--llava", source, "--clip", sources["clip"], "--output", output) == 1
+    assert "lacks the Llama tokenizer: tokenizer.model missing (or tokenizer.json)" in capsys.readouterr().err
+    assert leftovers(output) == []
+
+
+def test_verify_refuses_a_saved_clip_tokenizer_that_is_incomplete(sources, tmp_path, capsys):
+    """`--verify` checks the CLIP tokenizer the output holds, not only the source's."""
+    from llava_trim import convert_checkpoint
+
+    write_processor = convert_checkpoint.write_processor
+
+    def write_processor_losing_vocab(plan, folder):
+        write_processor(plan, folder)
+        (folder / "clip_tokenizer" / "tokenizer.json").unlink()
+
+    output = tmp_path / "out"
+    with mock.patch("llava_trim.convert_checkpoint.write_processor", side_effect=write_processor_losing_vocab):
+        assert convert("--llava", sources["original"], "--clip", sources["clip"], "--output", output, "--verify") == 1
+    message = capsys.readouterr().err
+    assert "Verification failed:" in message and "saved CLIP tokenizer: vocab.json, merges.txt missing" in message
+    assert leftovers(output) == []
