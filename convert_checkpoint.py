@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -1374,6 +1375,14 @@ def _check_output(output: Path, overwrite: bool, sources: list[Path]) -> None:
             raise ConversionError(f"--output {output} overlaps the source folder {source}: choose another folder.")
     if output.is_file():
         raise ConversionError(f"--output {output} is a file: pass a folder path.")
+    existing = next(parent for parent in output.parents if parent.exists())
+    if not existing.is_dir():
+        raise ConversionError(f"--output {output}: {existing} is a file, not a folder. Choose another --output.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConversionError(
+            f"--output {output}: the folder {existing} is not writable: choose another --output or fix its "
+            "permissions."
+        )
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ConversionError(f"--output {output} exists and is not empty: pass --overwrite to replace it.")
 
@@ -1391,10 +1400,11 @@ def convert(args: argparse.Namespace) -> Path:
     )
 
     created_parents = [p for p in reversed(output.parents) if not p.exists()]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    staging = None
     started = time.perf_counter()
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
         write_weights(plan, staging, args.max_shard_size)
         write_config(plan, staging)
         write_generation_config(plan, staging)
@@ -1409,7 +1419,8 @@ def convert(args: argparse.Namespace) -> Path:
         _publish_permissions(staging)
         _replace_folder(staging, output)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         for parent in reversed(created_parents):
             with contextlib.suppress(OSError):
                 parent.rmdir()
@@ -1557,19 +1568,86 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """A termination signal (SIGINT, SIGTERM, SIGHUP) arrived: the conversion stops and cleans up as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+TERMINATION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def _signals_raise_interrupted():
+    """
+    Turn termination signals into `Interrupted` while the conversion runs (main thread only), so that `convert`'s
+    clean-up runs for `timeout`, schedulers and container stops as it does for Ctrl-C. After the first signal the
+    others are ignored until the clean-up is done.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        for number in TERMINATION_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {number: signal.signal(number, interrupt) for number in TERMINATION_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for a file-system error: what failed, on which path, and what to do."""
+    import errno
+
+    where = f" ({error.filename})" if error.filename else ""
+    what = error.strerror or str(error) or type(error).__name__
+    if error.errno == errno.ENOSPC:
+        fix = "free some disk space or choose another --output"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose another --output or fix the permissions"
+    else:
+        fix = "check the paths and the disk"
+    return f"{what}{where}: {fix}. Nothing was written."
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 on success, 1 on a refused or failed conversion)."""
+    """
+    Command-line entry point; returns the exit status: 0 on success, 1 on a refused or failed conversion, 128 + the
+    signal number when interrupted (130 for Ctrl-C, 143 for SIGTERM). Every failure is one line on stderr and leaves
+    no output behind.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.private or args.revision) and not args.push_to_hub:
         parser.error("--private and --revision only apply with --push-to-hub REPO_ID")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        convert(args)
+        with _signals_raise_interrupted():
+            convert(args)
     except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        message, status = str(error), 1
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        message, status = f"interrupted by {signal.Signals(signum).name}: nothing was written.", 128 + signum
+    except OSError as error:
+        message, status = describe_os_error(error), 1
+    except Exception as error:
+        logger.debug("Conversion failed", exc_info=True)
+        message, status = f"unexpected {type(error).__name__}: {error}. Nothing was written.", 1
+    else:
+        return 0
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

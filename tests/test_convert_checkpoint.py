@@ -1,10 +1,14 @@
 """convert_checkpoint.py on tiny offline checkpoints in every source format: round trips, refusals, Hub upload."""
 
+import errno
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -563,15 +567,126 @@ def test_non_empty_output_is_refused_without_overwrite(sources, tmp_path, capsys
     assert "overlaps the source folder" in capsys.readouterr().err and (output / "config.json").is_file()
 
 
-@pytest.mark.parametrize("exception", [RuntimeError("disk full"), KeyboardInterrupt()])
-def test_failure_while_writing_leaves_nothing_and_keeps_the_old_output(sources, tmp_path, exception):
+def error_lines(stderr: str) -> list[str]:
+    """The converter's error output: its `error:` lines, and any traceback line (there must be none)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
+
+
+@pytest.mark.parametrize(
+    ("exception", "status", "message"),
+    [
+        (RuntimeError("something broke"), 1, "error: unexpected RuntimeError: something broke. Nothing was written."),
+        (OSError(errno.ENOSPC, "No space left on device", "shard.safetensors"), 1, "free some disk space"),
+        (KeyboardInterrupt(), 130, "error: interrupted by SIGINT: nothing was written."),
+    ],
+)
+def test_failure_while_writing_leaves_nothing_and_keeps_the_old_output(
+    sources, tmp_path, capsys, exception, status, message
+):
     output = tmp_path / "out"
     output.mkdir()
     (output / "old.txt").write_text("previous conversion")
     with mock.patch("llava_trim.convert_checkpoint.write_processor", side_effect=exception):
-        with pytest.raises(type(exception)):
+        assert (
             convert("--llava", sources["original"], "--clip", sources["clip"], "--output", output, "--overwrite")
+            == status
+        )
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and message in lines[0], lines
     assert leftovers(output) == ["out"] and [p.name for p in output.iterdir()] == ["old.txt"]
+
+
+def test_disk_full_while_writing_shards_is_one_line(sources, tmp_path, capsys):
+    output = tmp_path / "nested" / "out"
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with mock.patch("llava_trim.convert_checkpoint.save_file", side_effect=full):
+        assert convert("--llava", sources["original"], "--clip", sources["clip"], "--output", output) == 1
+    lines = error_lines(capsys.readouterr().err)
+    assert lines == ["error: No space left on device: free some disk space or choose another --output. Nothing was "
+                     "written."]  # fmt: skip
+    assert not output.parent.exists()
+
+
+def test_output_under_a_file_is_refused(sources, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("a file")
+    output = tmp_path / "notes.txt" / "out"
+    assert convert("--llava", sources["original"], "--clip", sources["clip"], "--output", output) == 1
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "notes.txt is a file, not a folder" in lines[0]
+    assert (tmp_path / "notes.txt").read_text() == "a file"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_parent_is_refused(sources, tmp_path, capsys):
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        assert convert("--llava", sources["original"], "--clip", sources["clip"], "--output", parent / "out") == 1
+    finally:
+        parent.chmod(0o755)
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "is not writable" in lines[0] and not any(parent.iterdir())
+
+
+def test_permission_denied_creating_the_temporary_folder_is_one_line(sources, tmp_path, capsys):
+    """What a read-only parent gives even where the check above cannot see it (root, ACLs, read-only mounts)."""
+    output = tmp_path / "nested" / "out"
+    denied = PermissionError(errno.EACCES, "Permission denied", str(output.parent))
+    with mock.patch("tempfile.mkdtemp", side_effect=denied):
+        assert convert("--llava", sources["original"], "--clip", sources["clip"], "--output", output) == 1
+    lines = error_lines(capsys.readouterr().err)
+    assert lines == [f"error: Permission denied ({output.parent}): choose another --output or fix the permissions. "
+                     "Nothing was written."]  # fmt: skip
+    assert not output.parent.exists()
+
+
+# A conversion in a child process that pauses once its processor files are written (the weights are written by then),
+# so a signal arrives while the temporary folder is full.
+SLOW_CONVERSION = """
+import sys, time
+from pathlib import Path
+import llava_trim.convert_checkpoint as converter
+
+marker, argv = Path(sys.argv[1]), sys.argv[2:]
+write_processor = converter.write_processor
+
+def write_processor_then_wait(plan, folder):
+    write_processor(plan, folder)
+    marker.write_text(str(folder))
+    time.sleep(120)
+
+converter.write_processor = write_processor_then_wait
+sys.exit(converter.main(argv))
+"""
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_while_converting_is_one_line_and_leaves_nothing(sources, tmp_path, signum, status):
+    output = tmp_path / "nested" / "out"
+    marker = tmp_path / "writing"
+    argv = ["--llava", sources["original"], "--clip", sources["clip"], "--output", output]
+    child = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CONVERSION, str(marker), *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), child.communicate(timeout=10)[1][-2000:]
+        staging = Path(marker.read_text())
+        assert (staging / "config.json").is_file() and staging.name.endswith(".partial")  # mid-conversion
+        child.send_signal(signum)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == status
+    assert error_lines(stderr) == [f"error: interrupted by {signal.Signals(signum).name}: nothing was written."]
+    assert not staging.exists() and not output.parent.exists()
 
 
 # ------------------------------------------------------------------------------------------------------------------
