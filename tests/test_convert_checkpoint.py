@@ -599,7 +599,7 @@ def test_failure_while_writing_leaves_nothing_and_keeps_the_old_output(
 def test_disk_full_while_writing_shards_is_one_line(sources, tmp_path, capsys):
     output = tmp_path / "nested" / "out"
     full = OSError(errno.ENOSPC, "No space left on device")
-    with mock.patch("llava_trim.convert_checkpoint.save_file", side_effect=full):
+    with mock.patch("llava_trim.conversion.write.save_file", side_effect=full):
         assert convert("--llava", sources["original"], "--clip", sources["clip"], "--output", output) == 1
     lines = error_lines(capsys.readouterr().err)
     assert lines == ["error: No space left on device: free some disk space or choose another --output. Nothing was "
