@@ -6,6 +6,9 @@ Sources (local folders or Hub ids):
 - `--llava`: an original LLaVA-1.5 checkpoint (`liuhaotian/llava-v1.5-7b`: `.bin` shards, no CLIP weights), a TRIM
   checkpoint (`FreedomIntelligence/llava-v1.5-7b-TRIM`: safetensors shards with the CLIP towers embedded) or a
   transformers-native one (`llava-hf/llava-1.5-7b-hf`, legacy or current weight names).
+- `--language-model` with `--projector`, instead of `--llava`: the starting point of LLaVA-1.5's second training
+  stage, a plain Llama checkpoint (`lmsys/vicuna-7b-v1.5`) plus the projector LLaVA's pretrain stage saves
+  (`liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5`: `mm_projector.bin` and its `config.json`).
 - `--clip`: the full CLIP model (`openai/clip-vit-large-patch14-336`): its text tower and projections score the image
   patches for TRIM, its vision tower is LLaVA's unless the source embeds one, and its tokenizer and image processor
   go into the processor.
@@ -56,6 +59,7 @@ from llava_trim.conversion.sources import (  # noqa: E402
     ClipSource,
     LlavaSource,
     read_clip_source,
+    read_language_model_source,
     read_llava_source,
     resolve_source,
     trim_ratio_from_source,
@@ -116,10 +120,18 @@ def convert(args: argparse.Namespace) -> Path:
 
 def read_sources(args: argparse.Namespace, output: Path) -> tuple[LlavaSource, ClipSource]:
     """Find the source folders (downloading Hub ids), check `output` against them, then read and check them."""
-    llava_folder = resolve_source(args.llava, "--llava")
+    if args.llava:
+        llava_folders = [resolve_source(args.llava, "--llava")]
+    else:
+        llava_folders = [resolve_source(args.language_model, "--language-model")]
+        llava_folders.append(resolve_source(args.projector, "--projector"))
     clip_folder = resolve_source(args.clip, "--clip")
-    check_output(output, args.overwrite, [llava_folder, clip_folder])
-    return read_llava_source(llava_folder, args.llava), read_clip_source(clip_folder, args.clip)
+    check_output(output, args.overwrite, [*llava_folders, clip_folder])
+    if args.llava:
+        llava = read_llava_source(llava_folders[0], args.llava)
+    else:
+        llava = read_language_model_source(llava_folders[0], args.language_model, llava_folders[1], args.projector)
+    return llava, read_clip_source(clip_folder, args.clip)
 
 
 def write_repository(plan: ConversionPlan, folder: Path, args: argparse.Namespace) -> None:
@@ -128,7 +140,7 @@ def write_repository(plan: ConversionPlan, folder: Path, args: argparse.Namespac
     write_config(plan, folder)
     write_generation_config(plan, folder)
     write_processor(plan, folder)
-    sources = [args.llava, args.clip]
+    sources = [*plan.llava.names.values(), args.clip]
     write_model_card(
         plan,
         folder,
@@ -215,7 +227,12 @@ def _replace_folder(staging: Path, output: Path) -> None:
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this conversion (shown in the model card), with `OUTPUT` for the folder."""
-    parts = ["python convert_checkpoint.py", f"--llava {args.llava}", f"--clip {args.clip}"]
+    parts = ["python convert_checkpoint.py"]
+    if args.llava:
+        parts.append(f"--llava {args.llava}")
+    else:
+        parts += [f"--language-model {args.language_model}", f"--projector {args.projector}"]
+    parts.append(f"--clip {args.clip}")
     if args.trim_ratio is not FROM_SOURCE:
         parts.append(f"--trim-ratio {'none' if args.trim_ratio is None else args.trim_ratio}")
     if args.dtype:
@@ -316,14 +333,30 @@ def build_parser() -> argparse.ArgumentParser:
   # local llava-hf folder, bfloat16, a fixed quarter of the image tokens, 2 GB shards, replacing an old output
   python convert_checkpoint.py --llava ./llava-1.5-7b-hf --clip ./clip-vit-large-patch14-336 --dtype bfloat16 \\
       --trim-ratio 0.25 --max-shard-size 2GB --output ./out --overwrite --base-model llava-hf/llava-1.5-7b-hf
+
+  # the starting point of LLaVA-1.5's second stage (fine-tuning with TRIM): Vicuna + the pretrained projector
+  python convert_checkpoint.py --language-model lmsys/vicuna-7b-v1.5 \
+      --projector liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5 --output llava-v1.5-7b-stage2-start
 """,
     )
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--llava",
-        required=True,
         metavar="SRC",
         help="LLaVA-1.5 checkpoint: local folder or Hub id (e.g. liuhaotian/llava-v1.5-7b, "
         "FreedomIntelligence/llava-v1.5-7b-TRIM, llava-hf/llava-1.5-7b-hf).",
+    )
+    source.add_argument(
+        "--language-model",
+        metavar="LM",
+        help="Instead of --llava: a plain Llama checkpoint (folder or Hub id, e.g. lmsys/vicuna-7b-v1.5) to build the "
+        "starting model of LLaVA-1.5's second training stage from, with --projector.",
+    )
+    parser.add_argument(
+        "--projector",
+        metavar="PROJ",
+        help="With --language-model: the folder or Hub id holding LLaVA's pretrain-stage mm_projector.bin and its "
+        "config.json (e.g. liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5).",
     )
     parser.add_argument(
         "--clip",
@@ -450,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.private or args.revision) and not args.push_to_hub:
         parser.error("--private and --revision only apply with --push-to-hub REPO_ID")
+    if bool(args.language_model) != bool(args.projector):
+        parser.error("--language-model and --projector go together (a Llama checkpoint plus LLaVA's mm_projector.bin)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         with _signals_raise_interrupted():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..configuration_llava_trim import check_trim_ratio
 from . import ConversionError
-from .layouts import SourceLayout, detect_layout
+from .layouts import ORIGINAL_LLAVA, SourceLayout, detect_layout
 from .weights import WeightFiles, find_weight_files, read_json
 
 logger = logging.getLogger("llava_trim.convert_checkpoint")
@@ -158,6 +158,48 @@ def read_llava_source(folder: Path, name: str) -> LlavaSource:
     layout = detect_layout(config)
     layout.check(config, folder)
     return LlavaSource(layout, config, config, folder, find_weight_files(folder), {"--llava": name})
+
+
+PROJECTOR_FILE = "mm_projector.bin"
+
+
+def read_language_model_source(
+    language_model_folder: Path, language_model_name: str, projector_folder: Path, projector_name: str
+) -> LlavaSource:
+    """
+    The starting point of LLaVA-1.5's second training stage: a plain Llama checkpoint (`lmsys/vicuna-7b-v1.5`: its
+    `config.json`, weights and tokenizer) plus the projector LLaVA's pretrain stage saves (`mm_projector.bin`, keys
+    `model.mm_projector.{0,2}.{weight,bias}`, with the LLaVA `config.json` of that stage). The projector's config
+    gives the LLaVA settings and is checked as an original LLaVA checkpoint's; the language model's gives the Llama
+    settings.
+
+    Raises:
+        `ConversionError`: a non-Llama language model, a projector folder without `mm_projector.bin` or with
+        settings this model cannot represent, or a projector built for another hidden size.
+    """
+    llm_config = read_json(language_model_folder / "config.json")
+    model_type = llm_config.get("model_type")
+    architectures = llm_config.get("architectures") or []
+    if model_type != "llama" or any(a != "LlamaForCausalLM" for a in architectures):
+        raise ConversionError(
+            f"--language-model {language_model_folder} is not a Llama checkpoint (model_type={model_type!r}, "
+            f"architectures={architectures}): only Llama-based language models (e.g. lmsys/vicuna-7b-v1.5) are "
+            "supported."
+        )
+    require_files(projector_folder, "--projector", "pretrain projector", [(PROJECTOR_FILE, "config.json")])
+    config = read_json(projector_folder / "config.json")
+    ORIGINAL_LLAVA.check(config, projector_folder)
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if key in config and key in llm_config and config[key] != llm_config[key]:
+            raise ConversionError(
+                f"--projector {projector_folder} was trained on a language model with {key}={config[key]}, but "
+                f"--language-model {language_model_folder} has {key}={llm_config[key]}: pass the language model "
+                f"the projector was trained with (its config names {config.get('_name_or_path')!r})."
+            )
+    language_model = find_weight_files(language_model_folder)
+    weights = WeightFiles([*language_model.paths, projector_folder / PROJECTOR_FILE], language_model.indexed)
+    names = {"--language-model": language_model_name, "--projector": projector_name}
+    return LlavaSource(ORIGINAL_LLAVA, config, llm_config, language_model_folder, weights, names)
 
 
 def load_llama_tokenizer(folder: Path, flag: str):

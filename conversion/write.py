@@ -73,6 +73,10 @@ def write_weights(plan: ConversionPlan, folder: Path, max_shard_size: int) -> di
     remaining = {name: set(tensors) for name, tensors in split.filename_to_tensors.items()}
     buffers: dict[str, dict[str, torch.Tensor]] = {name: {} for name in remaining}
     differing: list[str] = []
+    inexact: list[
+        str
+    ] = []  # LLaVA tensors the cast to the output dtype changed (CLIP's float32 is expected to narrow)
+    clip_files = set(plan.clip.weights.paths)
     clip_readers: dict[Path, WeightReader] = {}
 
     progress = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="Writing shards")
@@ -84,8 +88,10 @@ def write_weights(plan: ConversionPlan, folder: Path, max_shard_size: int) -> di
                     if planned.compare_with is not None and not _equals_clip(source, planned, clip_readers):
                         differing.append(planned.source_name)
                     shard = shard_of[planned.target]
-                    buffers[shard][planned.target] = output_tensor(planned, source)
-                    del source
+                    written = buffers[shard][planned.target] = output_tensor(planned, source)
+                    if _cast_changed(source, written, planned) and path not in clip_files:
+                        inexact.append(planned.source_name)
+                    del source, written
                     remaining[shard].discard(planned.target)
                     progress.update(math.prod(planned.shape) * planned.dtype.itemsize)
                     if not remaining[shard]:
@@ -100,6 +106,13 @@ def write_weights(plan: ConversionPlan, folder: Path, max_shard_size: int) -> di
             "weight_map": dict(sorted(shard_of.items())),
         }
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    if inexact:
+        logger.warning(
+            "%d tensor(s) changed when cast to %s (%s): pass --dtype float32 (or their dtype) to keep every value.",
+            len(inexact),
+            str(plan.dtype).removeprefix("torch."),
+            listing(inexact, 5),
+        )
     if differing:
         logger.warning(
             "The checkpoint embeds %d CLIP tensor(s) that differ from --clip %s; the embedded ones are used: %s",
@@ -120,6 +133,13 @@ def _by_source_file(tensors: list[PlannedTensor]):
         group.append(planned)
     if group:
         yield group[0].file, group
+
+
+def _cast_changed(source: torch.Tensor, written: torch.Tensor, planned: PlannedTensor) -> bool:
+    """Whether casting `source` to the output dtype changed a value (the added rows aside)."""
+    if source.dtype == written.dtype:
+        return False
+    return not torch.equal(written[: planned.source_shape[0]].to(source.dtype), source)
 
 
 def _equals_clip(source: torch.Tensor, planned: PlannedTensor, readers: dict[Path, WeightReader]) -> bool:
@@ -265,6 +285,12 @@ def write_model_card(
         pad_token_id=config.text_config.pad_token_id,
         fp32_note=f"; `{'`, `'.join(kept_fp32)}` stay float32, as the model keeps them" if kept_fp32 else "",
         command=command,
+        note=(
+            "\n\nThis is the starting point of LLaVA-1.5's second training stage (a language model and a projector "
+            "from the\npretrain stage, not yet instruction-tuned): fine-tune it before relying on its answers."
+            if "--projector" in names
+            else ""
+        ),
         weights_from=" and ".join(f"`{name}`" for name in names.values()),
         license=license_name,
     )

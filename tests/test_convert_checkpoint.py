@@ -802,3 +802,163 @@ def test_verify_refuses_a_saved_clip_tokenizer_that_is_incomplete(sources, tmp_p
     message = capsys.readouterr().err
     assert "Verification failed:" in message and "saved CLIP tokenizer: vocab.json, merges.txt missing" in message
     assert leftovers(output) == []
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The starting point of the second training stage: a Llama checkpoint plus LLaVA's pretrain projector
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def stage2_args(sources, output, *extra) -> list:
+    return [
+        "--language-model", sources["vicuna"], "--projector", sources["projector"], "--clip", sources["clip"],
+        "--output", output, *extra,
+    ]  # fmt: skip
+
+
+def test_language_model_plus_projector_is_bit_exact_and_matches_native_pieces(sources, tmp_path):
+    """Vicuna (.bin shards, fp16) + mm_projector.bin (bf16) + CLIP, in float32: every value exact, logits native."""
+    output = tmp_path / "stage2"
+    assert convert(*stage2_args(sources, output, "--dtype", "float32", "--verify")) == 0
+    written = read_state(output)
+    vicuna = read_state(sources["vicuna"])
+    projector = torch.load(sources["projector"] / "mm_projector.bin", weights_only=True)
+    clip = CLIPModel.from_pretrained(sources["clip"]).state_dict()
+    expected = {}
+    for name, tensor in vicuna.items():
+        if "rotary_emb" not in name:
+            target = name if name.startswith("lm_head") else name.replace("model.", "model.language_model.", 1)
+            expected[target] = tensor
+    expected["model.multi_modal_projector.linear_1.weight"] = projector["model.mm_projector.0.weight"]
+    expected["model.multi_modal_projector.linear_1.bias"] = projector["model.mm_projector.0.bias"]
+    expected["model.multi_modal_projector.linear_2.weight"] = projector["model.mm_projector.2.weight"]
+    expected["model.multi_modal_projector.linear_2.bias"] = projector["model.mm_projector.2.bias"]
+    expected["model.trim_scorer.visual_projection.weight"] = clip["visual_projection.weight"]
+    expected["model.trim_scorer.text_projection.weight"] = clip["text_projection.weight"]
+    for name, tensor in expected.items():
+        rows = tensor.shape[0]
+        assert torch.equal(written[name][:rows].view(torch.int32), tensor.float().view(torch.int32)), name
+    # <image> and <pad> added as for the other sources: mean rows, suppressed, never generated
+    for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        assert written[name].shape[0] == SOURCE_VOCAB + 2
+        assert torch.equal(
+            written[name][SOURCE_VOCAB:], vicuna[name.replace("language_model.", "")].float().mean(0).expand(2, -1)
+        )
+    model = load_converted(output)
+    assert model.config.image_token_id == IMAGE_ID and model.config.text_config.pad_token_id == PAD_ID
+    assert model.config.trim_ratio == -1  # the projector's config has no TRIM setting: automatic
+    generation = json.loads((output / "generation_config.json").read_text())
+    assert generation["suppress_tokens"] == [IMAGE_ID, PAD_ID] and generation["do_sample"] is False
+    assert "temperature" not in generation and "top_p" not in generation  # Vicuna's sampling settings dropped
+    processor = AutoProcessor.from_pretrained(output, trust_remote_code=True)
+    assert processor.tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [IMAGE_ID, PAD_ID]
+
+    # logits equal Llama (transformers) + CLIP (transformers) + the mlp2x_gelu projector on the source tensors
+    llama, projector_module, clip_model = llava_reference(
+        sources["vicuna"], {**vicuna, **projector}, CLIPModel.from_pretrained(sources["clip"], dtype=torch.float32)
+    )
+    inputs = model_inputs(output)
+    with torch.no_grad():
+        logits = model(**inputs, trim_ratio=None).logits
+    reference, _ = reference_logits(llama, projector_module, clip_model, inputs, trim=False)
+    assert (logits[..., :SOURCE_VOCAB] - reference).abs().max() <= 1e-5
+
+
+def test_language_model_plus_projector_default_dtype_and_model_card(sources, tmp_path, caplog):
+    """Without --dtype the language model's fp16 is kept bit for bit; the bf16 projector is cast to it."""
+    output = tmp_path / "stage2"
+    with caplog.at_level("WARNING", logger="llava_trim.convert_checkpoint"):
+        assert convert(*stage2_args(sources, output)) == 0
+    written, vicuna = read_state(output), read_state(sources["vicuna"])
+    assert json.loads((output / "config.json").read_text())["dtype"] == "float16"
+    layer = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(
+        written[layer.replace("model.", "model.language_model.", 1)].view(torch.int16), vicuna[layer].view(torch.int16)
+    )
+    projector = torch.load(sources["projector"] / "mm_projector.bin", weights_only=True)
+    cast = projector["model.mm_projector.2.weight"].half()
+    assert torch.equal(written["model.multi_modal_projector.linear_2.weight"], cast)
+    changed = not all(torch.equal(t.half().to(t.dtype), t) for t in projector.values())
+    warned = "changed when cast to float16" in caplog.text
+    assert warned == changed  # a lossy cast is reported, an exact one is not
+    card = (output / "README.md").read_text()
+    assert f"`{sources['vicuna']}` (language model)" in card and f"`{sources['projector']}` (projector)" in card
+    assert "starting point of LLaVA-1.5's second training stage" in card
+    assert f"--language-model {sources['vicuna']} --projector {sources['projector']}" in card
+
+
+def test_lossy_cast_is_reported(sources, tmp_path, caplog):
+    """A projector value that float16 cannot hold is named in a warning (no silent change)."""
+    from llava_trim.tools.tiny_checkpoints import build_llava_pretrain_projector
+
+    projector = build_llava_pretrain_projector(tmp_path / "projector")
+    state = torch.load(projector / "mm_projector.bin", weights_only=True)
+    state["model.mm_projector.0.bias"][0] = 1e-30  # below float16's smallest subnormal
+    torch.save(state, projector / "mm_projector.bin")
+    argv = ["--language-model", sources["vicuna"], "--projector", projector, "--clip", sources["clip"]]
+    with caplog.at_level("WARNING", logger="llava_trim.convert_checkpoint"):
+        assert convert(*argv, "--output", tmp_path / "out") == 0
+    assert "1 tensor(s) changed when cast to float16 (model.mm_projector.0.bias)" in caplog.text
+
+
+def _projector_without_file(sources, folder: Path) -> list:
+    shutil.copytree(sources["projector"], folder)
+    (folder / "mm_projector.bin").unlink()
+    return ["--language-model", sources["vicuna"], "--projector", folder]
+
+
+def _non_llama_language_model(sources, folder: Path) -> list:
+    shutil.copytree(sources["vicuna"], folder)
+    _edit_config(folder, model_type="mistral", architectures=["MistralForCausalLM"])
+    return ["--language-model", folder, "--projector", sources["projector"]]
+
+
+def _projector_for_another_model(sources, folder: Path) -> list:
+    shutil.copytree(sources["projector"], folder)
+    _edit_config(folder, hidden_size=128)
+    return ["--language-model", sources["vicuna"], "--projector", folder]
+
+
+def _linear_projector(sources, folder: Path) -> list:
+    shutil.copytree(sources["projector"], folder)
+    _edit_config(folder, mm_projector_type="linear")
+    return ["--language-model", sources["vicuna"], "--projector", folder]
+
+
+def _full_llava_as_projector(sources, folder: Path) -> list:
+    """A LLaVA checkpoint's shards are not a projector file: the projector folder must hold mm_projector.bin."""
+    return ["--language-model", sources["vicuna"], "--projector", sources["original"]]
+
+
+STAGE2_REFUSALS = {
+    "no mm_projector.bin": (_projector_without_file, r"lacks the pretrain projector: mm_projector.bin missing"),
+    "non-Llama language model": (_non_llama_language_model, r"is not a Llama checkpoint \(model_type='mistral'"),
+    "projector for another model": (
+        _projector_for_another_model,
+        r"hidden_size=128, but --language-model .* has hidden_size=64",
+    ),
+    "linear projector": (_linear_projector, r"mm_projector_type='linear'"),
+    "full LLaVA as projector": (_full_llava_as_projector, r"mm_projector.bin missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(STAGE2_REFUSALS))
+def test_language_model_plus_projector_refusals(case, sources, tmp_path, capsys):
+    damage, message = STAGE2_REFUSALS[case]
+    argv = damage(sources, tmp_path / "source")
+    output = tmp_path / "nested" / "out"
+    assert convert(*argv, "--clip", sources["clip"], "--output", output) == 1
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and re.search(message, lines[0]), lines
+    assert not output.parent.exists()
+
+
+def test_language_model_and_projector_go_together(sources, tmp_path, capsys):
+    for argv in (["--language-model", sources["vicuna"]], ["--llava", sources["original"], "--projector", "x/y"]):
+        with pytest.raises(SystemExit) as exit_info:
+            convert(*argv, "--output", tmp_path / "out")
+        assert exit_info.value.code == 2
+        assert "--language-model and --projector go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        convert("--llava", sources["original"], "--language-model", sources["vicuna"], "--output", tmp_path / "out")
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The tiny source checkpoints have the layouts of the real Hub repositories (DESIGN.md section 5)."""
+"""The tiny source checkpoints have the layouts of the real Hub repositories the converter reads."""
 
 import json
 from pathlib import Path
@@ -103,3 +103,44 @@ def test_builders_are_deterministic(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     clip = build_tiny_clip(tmp_path / "clip", weights_format="safetensors")
     assert (clip / "model.safetensors").is_file() and not (clip / "pytorch_model.bin").exists()
+
+
+def test_vicuna_format_like_lmsys(sources):
+    folder = sources["vicuna"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert not any(key.startswith("mm_") for key in config) and config["torch_dtype"] == "float16"
+    index = json.loads((folder / "pytorch_model.bin.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+    ]
+    state = {}
+    for name in set(index["weight_map"].values()):
+        state.update(torch.load(folder / name, weights_only=True))
+    assert state.keys() == index["weight_map"].keys()
+    assert "model.embed_tokens.weight" in state and "lm_head.weight" in state and "model.norm.weight" in state
+    assert not any("mm_projector" in key or "vision" in key for key in state)
+    assert {t.dtype for k, t in state.items() if "inv_freq" not in k} == {torch.float16}
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert "<image>" not in tokenizer.get_vocab() and len(tokenizer) == config["vocab_size"]
+    assert (folder / "tokenizer.model").is_file()
+
+
+def test_pretrain_projector_like_liuhaotian(sources):
+    folder = sources["projector"]
+    state = torch.load(folder / "mm_projector.bin", weights_only=True)
+    assert list(state) == [
+        "model.mm_projector.0.weight",
+        "model.mm_projector.0.bias",
+        "model.mm_projector.2.weight",
+        "model.mm_projector.2.bias",
+    ]
+    hidden, vision = TINY_LLAMA["hidden_size"], TINY_VISION["hidden_size"]
+    assert state["model.mm_projector.0.weight"].shape == (hidden, vision)
+    assert state["model.mm_projector.2.weight"].shape == (hidden, hidden)
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["mm_projector_type"] == "mlp2x_gelu"
+    assert config["tune_mm_mlp_adapter"] is True and config["mm_hidden_size"] == vision
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "mm_projector.bin"]

@@ -1,5 +1,5 @@
 # Copyright 2026 The llava-trim authors. Licensed under the Apache License, Version 2.0.
-"""Tiny random source checkpoints in every format `convert_checkpoint.py` reads (DESIGN.md section 5), offline.
+"""Tiny random source checkpoints in every format `convert_checkpoint.py` reads, offline.
 
 Each builder writes a folder laid out like the real repository on the Hub, with tiny widths and the real geometry
 (336 px images, patch 14: 576 patch tokens), so the converter, the tests and the demo run the real code paths in
@@ -24,6 +24,11 @@ seconds without network:
   | `model.vision_tower.text_tower.text_model.*` | `text_model.*` |
   | `model.vision_tower.text_tower.text_projection.weight` | `text_projection.weight` |
 
+- [`build_vicuna`] and [`build_llava_pretrain_projector`]: `lmsys/vicuna-7b-v1.5` (a plain Llama checkpoint: fp16
+  `pytorch_model-0000k-of-0000n.bin` shards with their index, the sentencepiece tokenizer) and
+  `liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5` (`mm_projector.bin` with the keys LLaVA's pretrain
+  stage saves, `model.mm_projector.{0,2}.{weight,bias}`, and that stage's LLaVA `config.json`): the starting point
+  of LLaVA-1.5's second training stage.
 - [`build_llava_hf`]: `llava-hf/llava-1.5-7b-hf` — transformers-native `LlavaForConditionalGeneration` weights (fp16,
   vocabulary padded to a multiple of 64 with `<image>` and `<pad>` already in the tokenizer), saved either with the
   legacy key names the Hub repositories use (`language_model.model.*`, `language_model.lm_head.*`,
@@ -33,7 +38,7 @@ Widths come from `tools/tiny.py` (`TINY_VISION`, `TINY_CLIP_TEXT`, `TINY_LLAMA`)
 from the tiny tokenizers of `tools/tiny_tokenizers.py`. Everything is seeded: the same call writes the same weights.
 
 ```bash
-python -m llava_trim.tools.tiny_checkpoints /tmp/tiny-sources   # writes clip/, llava-original/, llava-trim/, llava-hf/
+python -m llava_trim.tools.tiny_checkpoints /tmp/tiny-sources   # clip/, llava-original/, llava-trim/, llava-hf/, ...
 ```
 """
 
@@ -504,6 +509,99 @@ def build_llava_hf(
     return save_dir
 
 
+def build_vicuna(
+    save_dir: str | Path,
+    *,
+    seed: int = 4,
+    num_shards: int = 2,
+    dtype: torch.dtype = torch.float16,
+    llama_tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """
+    Write a tiny random plain Llama checkpoint laid out like `lmsys/vicuna-7b-v1.5`, the language model LLaVA-1.5
+    starts from.
+
+    Files: `config.json` (`model_type: "llama"`, `LlamaForCausalLM`), `generation_config.json` (with Vicuna's sampling
+    settings), the Llama sentencepiece tokenizer (no `<image>`, no pad token), `pytorch_model-0000k-of-0000n.bin`
+    shards (`torch.save`) and `pytorch_model.bin.index.json`. Keys: `model.embed_tokens.weight`, `model.layers.{i}.*`
+    with `self_attn.rotary_emb.inv_freq`, `model.norm.weight`, `lm_head.weight`.
+
+    Args:
+        save_dir (`str` or `Path`): Folder to write (created if missing).
+        seed (`int`, *optional*, defaults to 4): Seed of the random weights.
+        num_shards (`int`, *optional*, defaults to 2): Number of `.bin` shards (1 writes `pytorch_model.bin`).
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float16`): Dtype of the weights (not of `inv_freq`).
+        llama_tokenizer_dir (`str` or `Path`, *optional*): A folder from `build_llama_tokenizer` to copy (else built).
+
+    Returns:
+        `Path`: `save_dir`.
+    """
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    llava_settings = ("mm_", "image_", "tune_", "unfreeze_", "freeze_", "use_mm_", "max_length")
+    config = _llava_raw_config("llama", dtype, "4.31.0")
+    config = {key: value for key, value in config.items() if not key.startswith(llava_settings)}
+    config.update(_name_or_path="lmsys/vicuna-7b-v1.5", architectures=["LlamaForCausalLM"])
+    _write_json(save_dir / "config.json", config)
+    _write_json(
+        save_dir / "generation_config.json",
+        {
+            "bos_token_id": LLAMA_BOS_ID,
+            "eos_token_id": LLAMA_EOS_ID,
+            "max_length": TINY_LLAMA["max_position_embeddings"],
+            "pad_token_id": LLAMA_UNK_ID,
+            "temperature": 0.9,
+            "top_p": 0.6,
+            "transformers_version": "4.31.0",
+        },
+    )
+    _copy_tokenizer(llama_tokenizer_dir, save_dir)
+    state_dict = _original_state_dict(seed, dtype, with_inv_freq=True)
+    state_dict = {key: tensor for key, tensor in state_dict.items() if not key.startswith("model.mm_projector.")}
+    _write_shards(save_dir, state_dict, num_shards, "bin")
+    return save_dir
+
+
+PROJECTOR_KEYS = (
+    "model.mm_projector.0.weight",
+    "model.mm_projector.0.bias",
+    "model.mm_projector.2.weight",
+    "model.mm_projector.2.bias",
+)
+
+
+def build_llava_pretrain_projector(
+    save_dir: str | Path,
+    *,
+    seed: int = 5,
+    dtype: torch.dtype = torch.bfloat16,
+    config_overrides: dict | None = None,
+) -> Path:
+    """
+    Write a tiny random projector laid out like `liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5`, what
+    LLaVA's pretrain stage (stage 1) saves: `mm_projector.bin` (`torch.save` of the projector's parameters under their
+    names in the model, `model.mm_projector.{0,2}.{weight,bias}`, in the stage's bf16) and the stage's `config.json`
+    in LLaVA's format (`model_type: "llava"`, `mm_projector_type: "mlp2x_gelu"`, `tune_mm_mlp_adapter: true`).
+
+    Args:
+        save_dir (`str` or `Path`): Folder to write (created if missing).
+        seed (`int`, *optional*, defaults to 5): Seed of the random weights.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`): Dtype of the weights.
+        config_overrides (`dict`, *optional*): Entries to change in `config.json`.
+
+    Returns:
+        `Path`: `save_dir`.
+    """
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    extra = {"_name_or_path": "lmsys/vicuna-7b-v1.5", "tune_mm_mlp_adapter": True, **(config_overrides or {})}
+    _write_json(save_dir / "config.json", _llava_raw_config("llava", dtype, "4.31.0", **extra))
+    projector = _tiny_projector(seed)
+    state_dict = {f"model.mm_projector.{key}": tensor.to(dtype) for key, tensor in projector.items()}
+    torch.save(state_dict, save_dir / "mm_projector.bin")
+    return save_dir
+
+
 def _llava_hf_legacy_name(key: str) -> str:
     """The name an installed-transformers Llava key has in the llava-hf repositories on the Hub."""
     if key.startswith("model.language_model."):
@@ -524,7 +622,8 @@ def build_all(root: str | Path) -> dict[str, Path]:
 
     Returns:
         `dict[str, Path]`: `"clip"` ([`build_tiny_clip`], `.bin`), `"original"` ([`build_original_llava`]),
-        `"trim"` ([`build_trim_llava`]), `"llava_hf"` ([`build_llava_hf`], legacy key names).
+        `"trim"` ([`build_trim_llava`]), `"llava_hf"` ([`build_llava_hf`], legacy key names), `"vicuna"`
+        ([`build_vicuna`]) and `"projector"` ([`build_llava_pretrain_projector`]).
     """
     root = Path(root)
     llama_tokenizer_dir = build_llama_tokenizer(root / "llama-tokenizer")
@@ -534,6 +633,8 @@ def build_all(root: str | Path) -> dict[str, Path]:
         "original": build_original_llava(root / "llava-original", llama_tokenizer_dir=llama_tokenizer_dir),
         "trim": build_trim_llava(root / "llava-trim", clip_dir, llama_tokenizer_dir=llama_tokenizer_dir),
         "llava_hf": build_llava_hf(root / "llava-hf", clip_dir, llama_tokenizer_dir=llama_tokenizer_dir),
+        "vicuna": build_vicuna(root / "vicuna", llama_tokenizer_dir=llama_tokenizer_dir),
+        "projector": build_llava_pretrain_projector(root / "llava-pretrain-projector"),
     }
     shutil.rmtree(llama_tokenizer_dir)
     return paths
@@ -545,10 +646,15 @@ def _write_json(path: Path, data: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description="Write tiny random LLaVA-1.5 source checkpoints (original, TRIM, llava-hf) and a tiny CLIP.",
+        description="Write tiny random LLaVA-1.5 source checkpoints (original, TRIM, llava-hf, Vicuna + pretrain "
+        "projector) and a tiny CLIP.",
         epilog="Example: python -m llava_trim.tools.tiny_checkpoints /tmp/tiny-sources",
     )
-    parser.add_argument("root", type=Path, help="Folder to write clip/, llava-original/, llava-trim/, llava-hf/ in.")
+    parser.add_argument(
+        "root",
+        type=Path,
+        help="Folder to write clip/, llava-original/, llava-trim/, llava-hf/, vicuna/, llava-pretrain-projector/ in.",
+    )
     args = parser.parse_args(argv)
     for name, path in build_all(args.root).items():
         print(f"{name:>9}: {path}")
@@ -558,4 +664,12 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["build_all", "build_llava_hf", "build_original_llava", "build_tiny_clip", "build_trim_llava"]
+__all__ = [
+    "build_all",
+    "build_llava_hf",
+    "build_llava_pretrain_projector",
+    "build_original_llava",
+    "build_tiny_clip",
+    "build_trim_llava",
+    "build_vicuna",
+]
