@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import ConversionError
 from .plan import ConversionPlan, PlannedTensor, listing
-from .sources import IMAGE_TOKEN, PAD_TOKEN
+from .sources import IMAGE_TOKEN, PAD_TOKEN, quiet_transformers
 from .weights import WeightReader
 
 logger = logging.getLogger("llava_trim.convert_checkpoint")
@@ -190,7 +190,8 @@ def write_generation_config(plan: ConversionPlan, folder: Path) -> None:
 
     source = plan.llava.folder / "generation_config.json"
     if source.is_file():
-        generation_config = GenerationConfig.from_pretrained(plan.llava.folder)
+        with quiet_transformers():  # sampling settings without `do_sample` (Vicuna's) warn; they are cleared below
+            generation_config = GenerationConfig.from_pretrained(plan.llava.folder)
     else:
         generation_config = GenerationConfig.from_model_config(plan.config.text_config)
     text_config = plan.config.text_config

@@ -135,9 +135,9 @@ def llava_reference(llava_dir: Path, state: dict[str, torch.Tensor], clip: CLIPM
 
 def reference_logits(llama, projector, clip, inputs: dict, trim: bool) -> tuple[torch.Tensor, int]:
     """
-    LLaVA-1.5 (and, with `trim`, DESIGN.md section 2) computed directly: vision layer -2 without CLS, TRIM's auto
-    selection on `p = softmax(-P t)`, kept tokens in patch order plus the mean of the pruned ones, projector, spliced
-    into the Llama embeddings. Returns the logits and the number of kept patches.
+    LLaVA-1.5 (and, with `trim`, TRIM as docs/trim.md specifies it) computed directly: vision layer -2 without CLS,
+    TRIM's auto selection on `p = softmax(-P t)`, kept tokens in patch order plus the mean of the pruned ones,
+    projector, spliced into the Llama embeddings. Returns the logits and the number of kept patches.
     """
     ids = inputs["input_ids"][0]
     with torch.no_grad():
@@ -193,7 +193,7 @@ def test_original_llava_round_trip_matches_native_pieces(sources, converted):
 
 
 def test_trim_format_round_trip_with_trim_on(sources, converted):
-    """FreedomIntelligence format (bf16 safetensors, embedded CLIP, TRIM:-1): TRIM on equals DESIGN.md section 2."""
+    """FreedomIntelligence format (bf16 safetensors, embedded CLIP, TRIM:-1): TRIM on equals docs/trim.md's TRIM."""
     folder = converted["trim"]
     model = load_converted(folder)
     assert model.config.trim_ratio == -1  # from mm_vision_token_reduce_func "TRIM:-1"
