@@ -113,7 +113,11 @@ def convert(args: argparse.Namespace) -> Path:
     print(f"Wrote {output} ({human_size(plan.total_bytes)} of weights in {seconds:.1f} s)")
 
     if args.push_to_hub:
-        url = push_to_hub(output, args.push_to_hub, private=args.private, revision=args.revision)
+        try:
+            url = push_to_hub(output, args.push_to_hub, private=args.private, revision=args.revision)
+        except KeyboardInterrupt as interrupt:
+            interrupt.outcome = f"the upload stopped; the converted model is complete in {output}."
+            raise
         print(f"Pushed to https://huggingface.co/{args.push_to_hub} ({url})")
     return output
 
@@ -493,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         message, status = str(error), 1
     except KeyboardInterrupt as interrupt:
         signum = getattr(interrupt, "signum", signal.SIGINT)
-        message, status = f"interrupted by {signal.Signals(signum).name}: nothing was written.", 128 + signum
+        outcome = getattr(interrupt, "outcome", "nothing was written.")
+        message, status = f"interrupted by {signal.Signals(signum).name}: {outcome}", 128 + signum
     except OSError as error:
         message, status = describe_os_error(error), 1
     except Exception as error:

@@ -962,3 +962,17 @@ def test_language_model_and_projector_go_together(sources, tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert("--llava", sources["original"], "--language-model", sources["vicuna"], "--output", tmp_path / "out")
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_interrupted_upload_keeps_the_complete_folder_and_says_so(sources, tmp_path, capsys):
+    output = tmp_path / "out"
+    with (
+        mock.patch("huggingface_hub.get_token", return_value="hf_test"),
+        mock.patch("huggingface_hub.create_repo"),
+        mock.patch("huggingface_hub.upload_folder", side_effect=KeyboardInterrupt),
+    ):
+        argv = ["--llava", sources["original"], "--clip", sources["clip"], "--output", output]
+        assert convert(*argv, "--push-to-hub", "me/tiny-llava-trim") == 130
+    lines = error_lines(capsys.readouterr().err)
+    assert lines == [f"error: interrupted by SIGINT: the upload stopped; the converted model is complete in {output}."]
+    assert (output / "model.safetensors").is_file()
