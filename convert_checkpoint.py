@@ -226,7 +226,12 @@ def _replace_folder(staging: Path, output: Path) -> None:
     except BaseException:
         retired.rename(output)
         raise
-    shutil.rmtree(retired, ignore_errors=True)
+    try:
+        shutil.rmtree(retired, ignore_errors=True)
+    except KeyboardInterrupt as interrupt:  # further signals are ignored until this clean-up is done
+        shutil.rmtree(retired, ignore_errors=True)
+        interrupt.outcome = f"{output} had been replaced by the complete conversion and is kept."
+        raise
 
 
 def command_line(args: argparse.Namespace) -> str:

@@ -93,14 +93,24 @@ def plan_conversion(
     expected, keep_in_fp32 = meta_model_weights(config)
 
     tensors = map_tensors(
-        llava_tensors, llava.layout.rules, expected, dtype, keep_in_fp32, origin=", ".join(map(str, llava.folders)),
+        llava_tensors,
+        llava.layout.rules,
+        expected,
+        dtype,
+        keep_in_fp32,
+        origin=", ".join(map(str, llava.folders)),
         hint="This is not a LLaVA-1.5 checkpoint in a supported layout (original, TRIM or llava-hf); nothing was "
         "converted.",
-    )  # fmt: skip
+    )
     from_clip = map_tensors(
-        clip_tensors, CLIP_RULES, expected, dtype, keep_in_fp32, origin=f"The CLIP checkpoint {clip.folder}",
+        clip_tensors,
+        CLIP_RULES,
+        expected,
+        dtype,
+        keep_in_fp32,
+        origin=f"The CLIP checkpoint {clip.folder}",
         hint="Pass a transformers CLIPModel checkpoint (--clip).",
-    )  # fmt: skip
+    )
     for target, planned in from_clip.items():  # the source's own tensors win; an embedded CLIP is compared
         if target in tensors:
             tensors[target].compare_with = (planned.file, planned.source_name)

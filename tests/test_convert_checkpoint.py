@@ -976,3 +976,27 @@ def test_interrupted_upload_keeps_the_complete_folder_and_says_so(sources, tmp_p
     lines = error_lines(capsys.readouterr().err)
     assert lines == [f"error: interrupted by SIGINT: the upload stopped; the converted model is complete in {output}."]
     assert (output / "model.safetensors").is_file()
+
+
+def test_signal_while_removing_the_replaced_output_finishes_the_clean_up(sources, tmp_path, capsys):
+    """Interrupted once the new folder took the old one's place: the old one is still removed, as the line says."""
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "old.txt").write_text("previous conversion")
+    remove = shutil.rmtree
+    interrupted = []
+
+    def rmtree_interrupted_once(path, *args, **kwargs):
+        if str(path).endswith(".old") and not interrupted:
+            interrupted.append(path)
+            raise KeyboardInterrupt
+        return remove(path, *args, **kwargs)
+
+    with mock.patch("shutil.rmtree", side_effect=rmtree_interrupted_once):
+        argv = ["--llava", sources["original"], "--clip", sources["clip"], "--output", output, "--overwrite"]
+        assert convert(*argv) == 130
+    lines = error_lines(capsys.readouterr().err)
+    assert lines == [
+        f"error: interrupted by SIGINT: {output} had been replaced by the complete conversion and is kept."
+    ]
+    assert interrupted and leftovers(output) == ["out"] and (output / "config.json").is_file()
