@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llava_trim.modeling_llava_trim import compact_image_runs, trim_keep_mask
+from llava_trim.tools.finetune import configure_trainable_parameters
 from llava_trim.tools.tiny import TINY_CLIP_TEXT, TINY_IMAGE_TOKEN_ID, native_llava, tiny_model
 
 S = 576  # image tokens per image
@@ -420,8 +421,14 @@ def test_loss_equals_native_loss_on_hand_compacted_sequence(model, native):
     assert (out.compacted_labels[out.compacted_input_ids == TINY_IMAGE_TOKEN_ID] == -100).all()
 
 
+def test_construction_leaves_every_parameter_trainable():
+    model = tiny_model(seed=2)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_training_lowers_loss_with_clip_towers_frozen():
     model = tiny_model(seed=2).train()
+    configure_trainable_parameters(model)  # freezing belongs to the fine-tuning setup, not to the constructor
     model.gradient_checkpointing_enable()
     inputs, _ = training_batch()
     trainable = [p for p in model.parameters() if p.requires_grad]
