@@ -843,6 +843,13 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
             compacted_labels=labels,
         )
 
+    def prepare_inputs_for_generation(self, input_ids, *args, cache=None, is_first_iteration=False, **kwargs):
+        """Native, except that an assistant's first pass (an empty cache) also receives the image features."""
+        is_first_iteration = is_first_iteration or cache is None or cache.get_seq_length() == 0
+        return super().prepare_inputs_for_generation(
+            input_ids, *args, cache=cache, is_first_iteration=is_first_iteration, **kwargs
+        )
+
     @torch.no_grad()
     @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     def generate(
@@ -968,8 +975,6 @@ def _features_after_cache(cache: Cache, trimmed: TrimmedInputs, image_token_id: 
     cached_images = image_of[cached].unique().tolist()
     if not cached_images:
         return trimmed.image_outputs
-    if set(cached_images) & set(image_of[~cached].tolist()):
-        raise ValueError("The cache ends inside an image's tokens: start from the cache of a whole earlier turn.")
     record = getattr(cache, "llava_trim_record", None)
     if record is None:
         raise ValueError(
@@ -982,6 +987,8 @@ def _features_after_cache(cache: Cache, trimmed: TrimmedInputs, image_token_id: 
             f"trim_ratio={selection.trim_ratio!r}: pass trim_ratio={record.trim_ratio!r} to continue it, or start "
             "without the cache."
         )
+    if set(cached_images) & set(image_of[~cached].tolist()):
+        raise ValueError("The cache ends inside an image's tokens: start from the cache of a whole earlier turn.")
     length = min(record.input_ids.shape[1], past_length)
     same_prefix = record.input_ids.shape[0] == trimmed.sequence.input_ids.shape[0] and torch.equal(
         record.input_ids[:, :length].to(trimmed.sequence.input_ids.device), trimmed.sequence.input_ids[:, :length]
