@@ -332,10 +332,10 @@ class Float32Linear(nn.Linear):
     """
 
     def _apply(self, fn, recurse=True):
-        weight = self.weight
+        before = self.weight.detach()  # keeps the float32 values whether the cast replaces or swaps the parameter
         super()._apply(fn, recurse)
-        if weight.dtype == torch.float32 and self.weight.dtype != torch.float32 and weight.device.type != "meta":
-            self.weight.data = weight.data.to(self.weight.device)
+        if before.dtype == torch.float32 and self.weight.dtype != torch.float32 and before.device.type != "meta":
+            self.weight.data = before.to(self.weight.device)
         return self
 
 
@@ -603,7 +603,7 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
             raise ValueError(
                 "Pass `input_ids` with `pixel_values`, not `inputs_embeds`: the placeholder tokens mark the images."
             )
-        if mm_encoder_outputs is not None:
+        if mm_encoder_outputs:
             raise ValueError("Pass either `pixel_values` or precomputed `mm_encoder_outputs`, not both.")
         self._check_pixel_values(pixel_values)
         self._check_placeholders(input_ids, attention_mask, pixel_values.shape[0])
@@ -687,12 +687,8 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
             input_ids, attention_mask = trimmed.sequence.input_ids, trimmed.sequence.attention_mask
             position_ids, labels = trimmed.sequence.position_ids, trimmed.sequence.labels
             mm_encoder_outputs = {"image": trimmed.image_outputs}
-        elif mm_encoder_outputs is None and input_ids is not None and (cache is None or cache.get_seq_length() == 0):
-            if (input_ids == self.config.image_token_id).any():
-                raise ValueError(
-                    "`input_ids` hold image placeholder tokens but no `pixel_values` were given, so the model would "
-                    "answer without seeing the image. Pass the `pixel_values` the processor returned with the ids."
-                )
+        elif not (mm_encoder_outputs or {}).get("image") and input_ids is not None:
+            _refuse_placeholders_without_images(input_ids, cache, self.config.image_token_id)
         outputs = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -708,6 +704,15 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
             compacted_input_ids=input_ids if trimmed else None,
             compacted_attention_mask=attention_mask if trimmed else None,
             compacted_labels=labels,
+        )
+
+
+def _refuse_placeholders_without_images(input_ids: torch.LongTensor, cache: Cache | None, image_token_id: int):
+    """A prompt (nothing cached yet) with placeholders but no image features would be answered blind: refuse it."""
+    if (cache is None or cache.get_seq_length() == 0) and (input_ids == image_token_id).any():
+        raise ValueError(
+            "`input_ids` hold image placeholder tokens but no `pixel_values` were given, so the model would "
+            "answer without seeing the image. Pass the `pixel_values` the processor returned with the ids."
         )
 
 
