@@ -1,4 +1,4 @@
-"""LlavaTrimForConditionalGeneration against the native transformers Llava (TRIM off) and DESIGN.md section 2 (on)."""
+"""LlavaTrimForConditionalGeneration against native transformers Llava (TRIM off) and docs/trim.md section 2 (on)."""
 
 import subprocess
 import sys
@@ -19,7 +19,7 @@ BOS, EOS, PAD = 1, 2, 1001
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Inputs and an independent reference for DESIGN.md section 2
+# Inputs and an independent reference for docs/trim.md section 2
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -67,7 +67,7 @@ def pixels(num: int, seed: int = 0) -> torch.Tensor:
 
 
 def reference_keep(probs: np.ndarray, trim_ratio: float, k: float = 1.5, scope: str = "image") -> np.ndarray:
-    """DESIGN.md section 2 point 5, written with numpy: the boolean keep mask of shape (num_images, N)."""
+    """docs/trim.md section 2 point 4, written with numpy: the boolean keep mask of shape (num_images, N)."""
     num_images, n = probs.shape
 
     def top(row: np.ndarray, count: int) -> np.ndarray:
@@ -182,7 +182,7 @@ def test_config_off_is_native(native):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# TRIM on: the selection of DESIGN.md section 2
+# TRIM on: the selection of docs/trim.md section 2
 # ------------------------------------------------------------------------------------------------------------------
 
 
