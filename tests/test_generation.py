@@ -342,3 +342,26 @@ def test_cache_without_a_selection_record_is_refused(model, first_turn):
         foreign.update(cached.keys, cached.values, layer)
     with pytest.raises(ValueError, match="does not say which image tokens TRIM kept"):
         model.generate(**turn2, trim_ratio=0.25, past_key_values=foreign, max_new_tokens=2)
+
+
+def test_threads_sharing_the_model_keep_their_own_ratio(model, one):
+    import threading
+
+    expected = {mode: run_both(one, mode, max_new_tokens=4)[1] for mode in MODES}
+    results, errors = {}, []
+
+    def generate(mode, index):
+        try:
+            results[mode, index] = model.generate(**one.inputs(), trim_ratio=MODES[mode], max_new_tokens=4)
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=generate, args=(mode, i)) for mode in MODES for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(results) == 9
+    for (mode, _), sequences in results.items():
+        assert torch.equal(sequences, expected[mode]), mode
