@@ -667,6 +667,8 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
         `compacted_labels` (-100 on image positions). `trim_ratio` overrides `config.trim_ratio` for this call only.
         """
         trimmed = None
+        if trim_ratio is not FROM_CONFIG:
+            check_trim_ratio(trim_ratio)  # also when there is no image
         if pixel_values is not None:
             _refuse_filled_cache(cache)
             trimmed = self.prepare_trimmed_inputs(
@@ -805,6 +807,8 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
         the loss.
         """
         trimmed = None
+        if trim_ratio is not FROM_CONFIG:
+            check_trim_ratio(trim_ratio)  # also when there is no image
         if pixel_values is not None:
             _refuse_filled_cache(cache)
             trimmed = self.model.prepare_trimmed_inputs(
@@ -880,6 +884,8 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
         `trim_selection`. A cache returned by an earlier call continues a chat when its images' selection is the
         same; one built from another selection is refused.
         """
+        if trim_ratio is not FROM_CONFIG:
+            check_trim_ratio(trim_ratio)  # also when there is no image
         if pixel_values is None:
             return super().generate(inputs, generation_config, **kwargs)
         input_ids = kwargs.pop("input_ids", None)

@@ -508,6 +508,10 @@ def test_trim_ratio_out_of_range(model, bad):
     trim_ids, _ = questions(1)
     with pytest.raises(ValueError, match=r"`trim_ratio` must be None \(TRIM off\), -1"):
         model(input_ids=input_ids, pixel_values=pixels(1), trim_input_ids=trim_ids, trim_ratio=bad)
+    with pytest.raises(ValueError, match=r"`trim_ratio` must be None \(TRIM off\), -1"):
+        model(input_ids=input_ids[:, :3], trim_ratio=bad)  # checked also without an image
+    with pytest.raises(ValueError, match=r"`trim_ratio` must be None \(TRIM off\), -1"):
+        model.generate(input_ids=input_ids[:, :3], trim_ratio=bad, max_new_tokens=1)
 
 
 def test_missing_question_tokens(model):
