@@ -1,11 +1,35 @@
 # Copyright 2026 The llava-trim authors. Licensed under the Apache License, Version 2.0.
 """Configuration of LLaVA-1.5 with TRIM (Token Reduction using CLIP Metric, arXiv 2409.10994)."""
 
+import math
+import numbers
 from typing import Literal
 
-from huggingface_hub.dataclasses import strict
+from huggingface_hub.dataclasses import strict, validated_field
 from transformers import AutoConfig, LlavaConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+
+def check_trim_ratio(trim_ratio) -> None:
+    """Raise a `ValueError` unless `trim_ratio` is `None` (off), `-1` (auto) or a real number in `(0, 1]` (fixed).
+
+    Any real number type is accepted (`float`, `int`, `numpy.float32`, a 0-dim tensor's `.item()`), booleans are not.
+    """
+    if trim_ratio is None:
+        return
+    is_real = isinstance(trim_ratio, numbers.Real) and not isinstance(trim_ratio, bool)
+    if not is_real or not (trim_ratio == -1 or 0 < trim_ratio <= 1):
+        raise ValueError(
+            f"`trim_ratio` must be None (TRIM off), -1 (automatic IQR selection) or a fraction in (0, 1] of the "
+            f"image tokens to keep, got {trim_ratio!r}."
+        )
+
+
+def check_trim_iqr_multiplier(multiplier) -> None:
+    """Raise a `ValueError` unless `multiplier` is a finite real number `>= 0`."""
+    is_real = isinstance(multiplier, numbers.Real) and not isinstance(multiplier, bool)
+    if not is_real or not math.isfinite(multiplier) or multiplier < 0:
+        raise ValueError(f"`trim_iqr_multiplier` must be a finite number >= 0 (1.5 in the paper), got {multiplier!r}.")
 
 
 @strict
@@ -65,30 +89,17 @@ class LlavaTrimConfig(LlavaConfig):
 
     clip_text_config: dict | PreTrainedConfig | None = None
     projection_dim: int = 768
-    trim_ratio: float | int | None = -1
-    trim_iqr_multiplier: float | int = 1.5
+    # validated on construction, on `from_pretrained(..., trim_ratio=...)` and on every assignment
+    trim_ratio: float | int | None = validated_field(check_trim_ratio, default=-1)
+    trim_iqr_multiplier: float | int = validated_field(check_trim_iqr_multiplier, default=1.5)
     trim_scope: Literal["image", "batch"] = "image"
 
     def validate_trim(self):
         """Part of `@strict` validation: TRIM's fields must name a mode that exists."""
         check_trim_ratio(self.trim_ratio)
-        if isinstance(self.trim_iqr_multiplier, bool) or not self.trim_iqr_multiplier >= 0:
-            raise ValueError(
-                f"`trim_iqr_multiplier` must be a number >= 0 (1.5 in the paper), got {self.trim_iqr_multiplier!r}."
-            )
+        check_trim_iqr_multiplier(self.trim_iqr_multiplier)
         if self.trim_scope not in ("image", "batch"):
             raise ValueError(f"`trim_scope` must be 'image' or 'batch', got {self.trim_scope!r}.")
-
-
-def check_trim_ratio(trim_ratio: float | int | None) -> None:
-    """Raise a `ValueError` unless `trim_ratio` is `None` (off), `-1` (auto) or a float in `(0, 1]` (fixed)."""
-    if trim_ratio is None or (not isinstance(trim_ratio, bool) and trim_ratio == -1):
-        return
-    if isinstance(trim_ratio, bool) or not isinstance(trim_ratio, (int, float)) or not 0 < trim_ratio <= 1:
-        raise ValueError(
-            f"`trim_ratio` must be None (TRIM off), -1 (automatic IQR selection) or a fraction in (0, 1] of the "
-            f"image tokens to keep, got {trim_ratio!r}."
-        )
 
 
 __all__ = ["LlavaTrimConfig"]

@@ -7,21 +7,28 @@ native transformers Llava building blocks with their native weight names; TRIM a
 text tower and CLIP's two projections).
 """
 
+import copy
 import math
+import os
+import shutil
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
-from transformers.modeling_utils import slice_logits_to_keep
+from transformers import AutoModel, GenerationConfig, LlavaForConditionalGeneration, LlavaModel
+from transformers.cache_utils import Cache
+from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
     LlavaModelOutputWithPast,
     LlavaMultiModalProjector,
     LlavaPreTrainedModel,
 )
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
-from .configuration_llava_trim import LlavaTrimConfig, check_trim_ratio
+from .configuration_llava_trim import LlavaTrimConfig, check_trim_iqr_multiplier, check_trim_ratio
 
 
 class _FromConfig:
@@ -35,7 +42,7 @@ FROM_CONFIG = _FromConfig()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# TRIM selection (DESIGN.md section 2)
+# TRIM selection (docs/trim.md section 2)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -122,7 +129,7 @@ def trim_image_tokens(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Sequence compaction (DESIGN.md section 3)
+# Sequence compaction (docs/trim.md section 5)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -248,13 +255,37 @@ class TrimSelection:
 
 
 @dataclass
+class LlavaTrimImageOutput(BaseModelOutputWithPooling):
+    """The image features TRIM hands to the language model.
+
+    Attributes:
+        pooler_output (`list[torch.FloatTensor]`): one tensor of shape `(tokens_per_image[i], hidden)` per image: the
+            projected kept tokens in patch order, then the aggregate token (all `N` tokens when TRIM is off).
+        trim_selection ([`TrimSelection`]): what was kept.
+    """
+
+    trim_selection: TrimSelection | None = None
+
+
+@dataclass
 class TrimmedInputs:
-    """Model inputs after TRIM: the compacted sequence, its embeddings with image tokens in place, the selection."""
+    """A prompt after TRIM: the compacted sequence and the image features that fill its placeholders."""
 
     sequence: CompactedSequence
-    inputs_embeds: torch.Tensor  # (batch, new_length, hidden)
-    image_features: torch.Tensor  # (sum of tokens_per_image, hidden), projected
-    selection: TrimSelection
+    image_outputs: LlavaTrimImageOutput
+
+    @property
+    def selection(self) -> TrimSelection:
+        return self.image_outputs.trim_selection
+
+
+@dataclass
+class TrimCacheRecord:
+    """Kept on a cache built from images: the compacted prompt and the selection its image positions came from."""
+
+    input_ids: torch.LongTensor  # (batch, prompt_length), compacted
+    keep_mask: torch.Tensor  # (num_images, N)
+    trim_ratio: float | None
 
 
 @dataclass
@@ -294,6 +325,20 @@ class LlavaTrimCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class Float32Linear(nn.Linear):
+    """An `nn.Linear` whose float32 weights stay float32 when the model is cast (`.to(dtype)`, `.half()`, ...).
+
+    Moves between devices apply as usual. TRIM's two projections use it so that scores do not drift with the dtype.
+    """
+
+    def _apply(self, fn, recurse=True):
+        before = self.weight.detach()  # keeps the float32 values whether the cast replaces or swaps the parameter
+        super()._apply(fn, recurse)
+        if before.dtype == torch.float32 and self.weight.dtype != torch.float32 and before.device.type != "meta":
+            self.weight.data = before.to(self.weight.device)
+        return self
+
+
 class LlavaTrimScorer(nn.Module):
     """CLIP's text tower and projections: the similarity of every image patch to the question.
 
@@ -305,8 +350,8 @@ class LlavaTrimScorer(nn.Module):
     def __init__(self, config: LlavaTrimConfig):
         super().__init__()
         self.text_model = AutoModel.from_config(config.clip_text_config)
-        self.text_projection = nn.Linear(config.clip_text_config.hidden_size, config.projection_dim, bias=False)
-        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = Float32Linear(config.clip_text_config.hidden_size, config.projection_dim, bias=False)
+        self.visual_projection = Float32Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
 
     def forward(
         self,
@@ -339,9 +384,24 @@ class LlavaTrimPreTrainedModel(LlavaPreTrainedModel):
     _keep_in_fp32_modules = ["text_projection", "visual_projection"]
     _keep_in_fp32_modules_strict = ["text_projection", "visual_projection"]
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """[`~PreTrainedModel.save_pretrained`] that checks the config first and leaves no half-written new folder."""
+        self.config.validate()
+        existed = os.path.exists(save_directory)
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        except BaseException:
+            if not existed:
+                shutil.rmtree(save_directory, ignore_errors=True)
+            raise
+
 
 class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
-    """The native Llava model (vision tower, projector, language model) plus `trim_scorer`; no LM head."""
+    """The native Llava model (vision tower, projector, language model) plus `trim_scorer`; no LM head.
+
+    With `pixel_values`, TRIM selects each image's tokens, the prompt is compacted and the native Llava forward runs
+    on the compacted ids with the trimmed image features (`mm_encoder_outputs`).
+    """
 
     def __init__(self, config: LlavaTrimConfig):
         LlavaTrimPreTrainedModel.__init__(self, config)
@@ -351,27 +411,109 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
         self.trim_scorer = LlavaTrimScorer(config)
         self.post_init()
 
-    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_vision_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+    ) -> torch.Tensor:
         """The features `V` LLaVA projects: hidden states of `vision_feature_layer`, CLS dropped by default.
 
         Returns a tensor of shape `(num_images, N, Dv)`.
         """
-        expected = self.config.vision_config.image_size
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, expected, expected):
-            raise ValueError(
-                f"`pixel_values` must have shape (num_images, 3, {expected}, {expected}), got "
-                f"{tuple(pixel_values.shape)}. Prepare images with the model's processor (AutoProcessor)."
-            )
-        layer = self.config.vision_feature_layer
+        self._check_pixel_values(pixel_values)
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         if not isinstance(layer, int):
-            raise ValueError(f"TRIM needs a single `vision_feature_layer`, the config has {layer!r}.")
+            raise ValueError(f"TRIM needs a single `vision_feature_layer` (an int such as -2), got {layer!r}.")
         dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
         # capture only the selected layer's hidden states, as native Llava does, instead of all of them
         outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=layer)
         features = outputs.hidden_states[layer]  # (num_images, 1 + N, Dv)
-        if self.config.vision_feature_select_strategy == "default":
+        if strategy == "default":
             features = features[:, 1:]
+        if features.shape[1] != self.config.image_seq_length:
+            raise ValueError(
+                f"The vision tower gives {features.shape[1]} tokens per image but `image_seq_length` is "
+                f"{self.config.image_seq_length}: use `vision_feature_select_strategy='default'` (CLS dropped)."
+            )
         return features
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        size = self.config.vision_config.image_size
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            hint = (
+                " For a single image add the batch dimension: `pixel_values[None]`." if pixel_values.ndim == 3 else ""
+            )
+            raise ValueError(
+                f"`pixel_values` must have shape (num_images, 3, {size}, {size}), got {tuple(pixel_values.shape)}."
+                f"{hint} Prepare images with the model's processor (AutoProcessor)."
+            )
+        if not torch.isfinite(pixel_values).all():
+            bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"`pixel_values` of image(s) {bad} hold NaN or infinite values: check the image decoding and "
+                "normalisation (the model's processor gives finite values)."
+            )
+
+    def _check_question_tokens(self, trim_input_ids, trim_attention_mask, num_images: int) -> None:
+        if trim_input_ids.ndim != 2:
+            raise ValueError(
+                f"`trim_input_ids` must be 2-D (num_images, length), got shape {tuple(trim_input_ids.shape)}: for "
+                "one question add the batch dimension (`trim_input_ids[None]`)."
+            )
+        if trim_input_ids.is_floating_point() or trim_input_ids.is_complex() or trim_input_ids.dtype == torch.bool:
+            raise ValueError(
+                "`trim_input_ids` must hold integer token ids (the CLIP tokenizer's output), got dtype "
+                f"{trim_input_ids.dtype}."
+            )
+        vocab_size = self.config.clip_text_config.vocab_size
+        if trim_input_ids.numel() and (trim_input_ids.min() < 0 or trim_input_ids.max() >= vocab_size):
+            raise ValueError(
+                f"`trim_input_ids` holds ids outside the CLIP text tower's vocabulary [0, {vocab_size}): tokenise the "
+                "questions with the model's CLIP tokenizer (the processor does), not the Llama tokenizer."
+            )
+        if trim_input_ids.shape[0] != num_images:
+            raise ValueError(
+                f"`trim_input_ids` has {trim_input_ids.shape[0]} rows but there are {num_images} images: pass one "
+                "CLIP-tokenised question per image, in `pixel_values` order."
+            )
+        if trim_attention_mask is not None and trim_attention_mask.shape != trim_input_ids.shape:
+            raise ValueError(
+                f"`trim_attention_mask` has shape {tuple(trim_attention_mask.shape)} but `trim_input_ids` has "
+                f"{tuple(trim_input_ids.shape)}: pass the mask the CLIP tokenizer returned with the ids."
+            )
+
+    def _select(
+        self,
+        features: torch.Tensor,
+        trim_input_ids: torch.LongTensor | None,
+        trim_attention_mask: torch.Tensor | None,
+        trim_ratio: float | None | _FromConfig,
+    ) -> tuple[torch.Tensor, TrimSelection]:
+        """TRIM on vision features `(num_images, N, Dv)`: packed unprojected tokens and the selection."""
+        trim_ratio = self.config.trim_ratio if trim_ratio is FROM_CONFIG else trim_ratio
+        check_trim_ratio(trim_ratio)
+        check_trim_iqr_multiplier(self.config.trim_iqr_multiplier)
+        num_images, num_patches, _ = features.shape
+        if trim_ratio is None:
+            keep = torch.ones(num_images, num_patches, dtype=torch.bool, device=features.device)
+            return features.flatten(0, 1), TrimSelection(keep, None, None)
+        trim_ratio = float(trim_ratio)
+        if trim_input_ids is None:
+            raise ValueError(
+                "TRIM is on but no question tokens were given: pass `trim_input_ids` (and `trim_attention_mask`), "
+                "one CLIP-tokenised question per image, as the model's processor returns them; or pass "
+                "`trim_ratio=None` to run without token reduction."
+            )
+        self._check_question_tokens(trim_input_ids, trim_attention_mask, num_images)
+        patches = self.vision_tower.post_layernorm(features)  # (num_images, N, Dv), CLIP's layer norm on layer -2
+        probs = self.trim_scorer(patches, trim_input_ids, trim_attention_mask)
+        probs = probs.to(features.device)
+        tokens, keep = trim_image_tokens(
+            features, probs, trim_ratio, self.config.trim_iqr_multiplier, self.config.trim_scope
+        )
+        return tokens, TrimSelection(keep, probs, trim_ratio)
 
     def select_image_tokens(
         self,
@@ -384,82 +526,101 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
         features = self.get_vision_features(pixel_values)
         return self._select(features, trim_input_ids, trim_attention_mask, trim_ratio)[1]
 
-    def _select(
+    def get_image_features(
         self,
-        features: torch.Tensor,
-        trim_input_ids: torch.LongTensor | None,
-        trim_attention_mask: torch.Tensor | None,
-        trim_ratio: float | None | _FromConfig,
-    ) -> tuple[torch.Tensor, TrimSelection]:
-        """TRIM on vision features `(num_images, N, Dv)`: packed unprojected tokens and the selection."""
-        trim_ratio = self.config.trim_ratio if trim_ratio is FROM_CONFIG else trim_ratio
-        check_trim_ratio(trim_ratio)
-        num_images, num_patches, _ = features.shape
-        if trim_ratio is None:
-            keep = torch.ones(num_images, num_patches, dtype=torch.bool, device=features.device)
-            return features.flatten(0, 1), TrimSelection(keep, None, None)
-        if trim_input_ids is None:
-            raise ValueError(
-                "TRIM is on but no question tokens were given: pass `trim_input_ids` (and `trim_attention_mask`), "
-                "one CLIP-tokenised question per image, as the model's processor returns them; or pass "
-                "`trim_ratio=None` to run without token reduction."
-            )
-        if trim_input_ids.shape[0] != num_images:
-            raise ValueError(
-                f"`trim_input_ids` has {trim_input_ids.shape[0]} rows but there are {num_images} images: pass one "
-                "CLIP-tokenised question per image, in `pixel_values` order."
-            )
-        patches = self.vision_tower.post_layernorm(features)  # (num_images, N, Dv), CLIP's layer norm on layer -2
-        probs = self.trim_scorer(patches, trim_input_ids, trim_attention_mask)
-        probs = probs.to(features.device)
-        tokens, keep = trim_image_tokens(
-            features, probs, trim_ratio, self.config.trim_iqr_multiplier, self.config.trim_scope
-        )
-        return tokens, TrimSelection(keep, probs, trim_ratio)
+        pixel_values: torch.Tensor,
+        trim_input_ids: torch.LongTensor | None = None,
+        trim_attention_mask: torch.Tensor | None = None,
+        trim_ratio: float | None | _FromConfig = FROM_CONFIG,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs,
+    ) -> LlavaTrimImageOutput:
+        """The projected image features after TRIM: `|K| + 1` tokens per image (all `N` with `trim_ratio=None`).
 
-    def trim_inputs(
+        Unlike native Llava's, this applies TRIM: pass each image's question (`trim_input_ids`) as for `forward`.
+        `pooler_output` is a list with one `(tokens, hidden)` tensor per image; `trim_selection` says what was kept.
+        """
+        if image_sizes is not None:
+            raise ValueError(
+                "`image_sizes` is not used by LLaVA-1.5: every image is resized to one square size by the processor. "
+                "Drop the argument."
+            )
+        features = self.get_vision_features(pixel_values, vision_feature_layer, vision_feature_select_strategy)
+        tokens, selection = self._select(features, trim_input_ids, trim_attention_mask, trim_ratio)
+        projected = self.multi_modal_projector(tokens)  # (sum of tokens_per_image, hidden)
+        per_image = projected.split(selection.tokens_per_image.tolist())
+        return LlavaTrimImageOutput(pooler_output=list(per_image), trim_selection=selection)
+
+    def _check_placeholders(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, num_images: int):
+        """Every image needs one unbroken, attended run of `image_seq_length` placeholders, in `pixel_values` order."""
+        run = self.config.image_seq_length
+        is_image = input_ids == self.config.image_token_id  # (batch, length)
+        per_row = is_image.sum(dim=1).tolist()
+        if sum(per_row) != num_images * run or any(n % run for n in per_row):
+            raise ValueError(
+                f"The prompts hold {per_row} image placeholder tokens per row, but `pixel_values` holds "
+                f"{num_images} image(s) and every image needs one run of {run} placeholders. Put exactly one "
+                "`<image>` in the text per image and let the processor expand it."
+            )
+        positions = is_image.flatten().nonzero().view(num_images, run)  # flattened (row, column) of each run
+        broken = ((positions[:, -1] - positions[:, 0]) != run - 1).nonzero().flatten().tolist()
+        if broken:
+            raise ValueError(
+                f"The placeholders of image(s) {broken} are split by other tokens: each image needs {run} consecutive "
+                "placeholders. Put exactly one `<image>` in the text per image and let the processor expand it."
+            )
+        if attention_mask is not None and (attention_mask[is_image] == 0).any():
+            raise ValueError(
+                "`attention_mask` is 0 on image placeholder tokens: image positions must be attended. Use the mask "
+                "the processor returns (0 only on padding)."
+            )
+
+    def prepare_trimmed_inputs(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None,
         pixel_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         trim_input_ids: torch.LongTensor | None = None,
         trim_attention_mask: torch.Tensor | None = None,
         trim_ratio: float | None | _FromConfig = FROM_CONFIG,
+        *,
         labels: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> TrimmedInputs:
-        """Vision tower, TRIM, projector and sequence compaction: everything before the language model.
+        """Check the inputs, run the vision tower, TRIM and the projector, and compact the sequence.
 
         `input_ids` hold `image_seq_length` placeholders per image (as the processor emits them); the returned
-        sequence holds `|K| + 1` per image (unchanged when TRIM is off) with the projected image tokens in place.
+        sequence holds `tokens_per_image` per image (unchanged when TRIM is off), in the caller's padding side.
         """
-        if input_ids is None:
+        if input_ids is None or inputs_embeds is not None:
             raise ValueError(
-                "Images need `input_ids` holding their placeholder tokens; `inputs_embeds` cannot mark them."
+                "Pass `input_ids` with `pixel_values`, not `inputs_embeds`: the placeholder tokens mark the images."
             )
-        num_images = pixel_values.shape[0]
-        seq_length = self.config.image_seq_length
-        placeholders_per_row = (input_ids == self.config.image_token_id).sum(dim=1).tolist()
-        if sum(placeholders_per_row) != num_images * seq_length or any(n % seq_length for n in placeholders_per_row):
-            raise ValueError(
-                f"The prompts hold {placeholders_per_row} image placeholder tokens per row, but `pixel_values` holds "
-                f"{num_images} image(s) and every image needs one run of {seq_length} placeholders. Put exactly one "
-                f"`<image>` in the text per image and let the processor expand it."
-            )
-
-        features = self.get_vision_features(pixel_values)  # (num_images, N, Dv)
-        if features.shape[1] != seq_length:
-            raise ValueError(
-                f"The vision tower gives {features.shape[1]} tokens per image but `image_seq_length` is {seq_length}."
-            )
-        tokens, selection = self._select(features, trim_input_ids, trim_attention_mask, trim_ratio)
-        image_features = self.multi_modal_projector(tokens)  # (sum of tokens_per_image, hidden)
-
+        if mm_encoder_outputs:
+            raise ValueError("Pass either `pixel_values` or precomputed `mm_encoder_outputs`, not both.")
+        self._check_pixel_values(pixel_values)
+        self._check_placeholders(input_ids, attention_mask, pixel_values.shape[0])
+        image_outputs = self.get_image_features(
+            pixel_values,
+            trim_input_ids,
+            trim_attention_mask,
+            trim_ratio,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+        )
+        selection = image_outputs.trim_selection
         if selection.trim_ratio is None:
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            sequence = CompactedSequence(input_ids, attention_mask, None, labels)
             if labels is not None:
-                sequence.labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+                labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+            sequence = CompactedSequence(input_ids, attention_mask, None, labels)
         else:
             pad_token_id = self.config.text_config.pad_token_id
             sequence = compact_image_runs(
@@ -467,28 +628,36 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
                 attention_mask,
                 selection.tokens_per_image.to(input_ids.device),
                 self.config.image_token_id,
-                seq_length,
+                self.config.image_seq_length,
                 pad_token_id=0 if pad_token_id is None else pad_token_id,
                 labels=labels,
             )
+            if position_ids is not None:
+                raise ValueError(
+                    "`position_ids` cannot follow the compacted sequence when TRIM is on: drop them (positions are "
+                    "built from the attention mask), or pass `trim_ratio=None`."
+                )
+        sequence.position_ids = sequence.position_ids if position_ids is None else position_ids
+        return TrimmedInputs(sequence, image_outputs)
 
-        inputs_embeds = self.get_input_embeddings()(sequence.input_ids)
-        image_mask = (sequence.input_ids == self.config.image_token_id).unsqueeze(-1).to(inputs_embeds.device)
-        inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features.to(inputs_embeds))
-        return TrimmedInputs(sequence, inputs_embeds, image_features, selection)
-
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache=None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         trim_input_ids: torch.LongTensor | None = None,
         trim_attention_mask: torch.Tensor | None = None,
         trim_ratio: float | None | _FromConfig = FROM_CONFIG,
         labels: torch.LongTensor | None = None,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
         **kwargs,
     ) -> LlavaTrimModelOutputWithPast:
         """Like [`LlavaModel.forward`], with TRIM between the vision tower and the language model.
@@ -498,35 +667,78 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
         `compacted_labels` (-100 on image positions). `trim_ratio` overrides `config.trim_ratio` for this call only.
         """
         trimmed = None
+        if trim_ratio is not FROM_CONFIG:
+            check_trim_ratio(trim_ratio)  # also when there is no image
         if pixel_values is not None:
-            if inputs_embeds is not None:
-                raise ValueError("Pass `input_ids` with `pixel_values`, not `inputs_embeds`.")
-            trimmed = self.trim_inputs(
-                input_ids, pixel_values, attention_mask, trim_input_ids, trim_attention_mask, trim_ratio, labels
+            _refuse_filled_cache(cache)
+            trimmed = self.prepare_trimmed_inputs(
+                input_ids,
+                pixel_values,
+                attention_mask,
+                trim_input_ids,
+                trim_attention_mask,
+                trim_ratio,
+                labels=labels,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                mm_encoder_outputs=mm_encoder_outputs,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                image_sizes=image_sizes,
             )
-            attention_mask, inputs_embeds = trimmed.sequence.attention_mask, trimmed.inputs_embeds
-            if trimmed.sequence.position_ids is not None:
-                position_ids = trimmed.sequence.position_ids
-        elif inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-
-        outputs = self.language_model(
+            input_ids, attention_mask = trimmed.sequence.input_ids, trimmed.sequence.attention_mask
+            position_ids, labels = trimmed.sequence.position_ids, trimmed.sequence.labels
+            mm_encoder_outputs = {"image": trimmed.image_outputs}
+        elif not (mm_encoder_outputs or {}).get("image") and input_ids is not None:
+            _refuse_placeholders_without_images(input_ids, cache, self.config.image_token_id)
+        outputs = super().forward(
+            input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
+            mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
         return LlavaTrimModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
+            **outputs,
             trim_selection=trimmed.selection if trimmed else None,
-            compacted_input_ids=trimmed.sequence.input_ids if trimmed else None,
-            compacted_attention_mask=trimmed.sequence.attention_mask if trimmed else None,
-            compacted_labels=trimmed.sequence.labels if trimmed else labels,
+            compacted_input_ids=input_ids if trimmed else None,
+            compacted_attention_mask=attention_mask if trimmed else None,
+            compacted_labels=labels,
         )
+
+
+def _refuse_placeholders_without_images(input_ids: torch.LongTensor, cache: Cache | None, image_token_id: int):
+    """A prompt (nothing cached yet) with placeholders but no image features would be answered blind: refuse it."""
+    if (cache is None or cache.get_seq_length() == 0) and (input_ids == image_token_id).any():
+        raise ValueError(
+            "`input_ids` hold image placeholder tokens but no `pixel_values` were given, so the model would "
+            "answer without seeing the image. Pass the `pixel_values` the processor returned with the ids."
+        )
+
+
+def _refuse_filled_cache(cache: Cache | None) -> None:
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError(
+            "`forward` with `pixel_values` and a non-empty cache is not supported: continue a conversation with "
+            "`generate(..., past_key_values=cache)`, which checks that the cache matches the image selection."
+        )
+
+
+class _CallerPromptStreamer(BaseStreamer):
+    """Hands a streamer the caller's prompt instead of the compacted one; the new tokens pass through unchanged."""
+
+    def __init__(self, streamer: BaseStreamer, prompt: torch.LongTensor):
+        self.streamer, self.prompt = streamer, prompt
+
+    def put(self, value):
+        if self.prompt is not None:
+            value, self.prompt = self.prompt.cpu(), None
+        self.streamer.put(value)
+
+    def end(self):
+        self.streamer.end()
 
 
 class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForConditionalGeneration):
@@ -534,7 +746,8 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
 
     Inputs are those of the native Llava model plus `trim_input_ids` / `trim_attention_mask` (the question of each
     image, CLIP-tokenised; the processor makes them). `trim_ratio=` on `forward` and `generate` overrides
-    `config.trim_ratio` for one call: `None` (off), `-1` (automatic) or a fraction in `(0, 1]`.
+    `config.trim_ratio` for one call: `None` (off), `-1` (automatic) or a fraction in `(0, 1]`. TRIM runs first; the
+    native Llava forward and generation then run on the compacted prompt (see docs/trim.md).
     """
 
     _auto_class = "AutoModelForImageTextToText"
@@ -544,9 +757,10 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
         self.model = LlavaTrimModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-        # LLaVA-1.5 trains the projector and the language model; the CLIP towers stay as CLIP made them
-        self.model.vision_tower.requires_grad_(False)
-        self.model.trim_scorer.requires_grad_(False)
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> LlavaTrimImageOutput:
+        """See [`LlavaTrimModel.get_image_features`]: the projected image features after TRIM."""
+        return self.model.get_image_features(pixel_values, **kwargs)
 
     def select_image_tokens(
         self,
@@ -554,28 +768,36 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
         trim_input_ids: torch.LongTensor | None = None,
         trim_attention_mask: torch.Tensor | None = None,
         trim_ratio: float | None | _FromConfig = FROM_CONFIG,
-        **unused,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> TrimSelection:
         """The selection TRIM makes for these images and questions, without running the language model.
 
-        Accepts the processor's output directly: `model.select_image_tokens(**inputs)`.
+        Accepts the processor's output directly: `model.select_image_tokens(**inputs)` (`input_ids` and
+        `attention_mask` are accepted for that and not used).
         """
         with torch.no_grad():
             return self.model.select_image_tokens(pixel_values, trim_input_ids, trim_attention_mask, trim_ratio)
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache=None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         trim_input_ids: torch.LongTensor | None = None,
         trim_attention_mask: torch.Tensor | None = None,
         trim_ratio: float | None | _FromConfig = FROM_CONFIG,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
         **kwargs,
     ) -> LlavaTrimCausalLMOutputWithPast:
         """Like [`LlavaForConditionalGeneration.forward`], with TRIM.
@@ -584,70 +806,124 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
         with the caller's `input_ids`) are compacted alongside (`compacted_labels`, -100 on image positions) before
         the loss.
         """
-        outputs = self.model(
+        trimmed = None
+        if trim_ratio is not FROM_CONFIG:
+            check_trim_ratio(trim_ratio)  # also when there is no image
+        if pixel_values is not None:
+            _refuse_filled_cache(cache)
+            trimmed = self.model.prepare_trimmed_inputs(
+                input_ids,
+                pixel_values,
+                attention_mask,
+                trim_input_ids,
+                trim_attention_mask,
+                trim_ratio,
+                labels=labels,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                mm_encoder_outputs=mm_encoder_outputs,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                image_sizes=image_sizes,
+            )
+            input_ids, attention_mask = trimmed.sequence.input_ids, trimmed.sequence.attention_mask
+            position_ids, labels = trimmed.sequence.position_ids, trimmed.sequence.labels
+            mm_encoder_outputs = {"image": trimmed.image_outputs}
+        outputs = super().forward(
             input_ids=input_ids,
-            pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
-            trim_input_ids=trim_input_ids,
-            trim_attention_mask=trim_attention_mask,
-            trim_ratio=trim_ratio,
             labels=labels,
+            logits_to_keep=logits_to_keep,
+            mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=outputs.compacted_labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
-
+        if trimmed is None:
+            return LlavaTrimCausalLMOutputWithPast(**outputs)
+        if outputs.cache is not None:
+            _record_selection(outputs.cache, trimmed)
         return LlavaTrimCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            trim_selection=outputs.trim_selection,
-            compacted_input_ids=outputs.compacted_input_ids,
-            compacted_attention_mask=outputs.compacted_attention_mask,
-            compacted_labels=outputs.compacted_labels if pixel_values is not None else None,
+            **outputs,
+            trim_selection=trimmed.selection,
+            compacted_input_ids=input_ids,
+            compacted_attention_mask=attention_mask,
+            compacted_labels=labels,
         )
 
+    def prepare_inputs_for_generation(self, input_ids, *args, cache=None, is_first_iteration=False, **kwargs):
+        """Native, except that an assistant's first pass (an empty cache) also receives the image features."""
+        is_first_iteration = is_first_iteration or cache is None or cache.get_seq_length() == 0
+        return super().prepare_inputs_for_generation(
+            input_ids, *args, cache=cache, is_first_iteration=is_first_iteration, **kwargs
+        )
+
+    @torch.no_grad()
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     def generate(
         self,
-        input_ids: torch.LongTensor | None = None,
+        inputs: torch.LongTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        *,
         pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
         trim_input_ids: torch.LongTensor | None = None,
         trim_attention_mask: torch.Tensor | None = None,
         trim_ratio: float | None | _FromConfig = FROM_CONFIG,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
         **kwargs,
     ):
         """[`~GenerationMixin.generate`] with TRIM: the vision tower and the selection run once, on the prompt.
 
-        The prompt is compacted once and generation runs on it with the image tokens already embedded. The returned
-        sequences are the caller's `input_ids` followed by the new tokens, so `out[:, input_ids.shape[1]:]` is the
-        answer. With `return_dict_in_generate=True` the output also carries `trim_selection`.
+        The prompt is compacted once and the native generation runs on it with the trimmed image features, so every
+        generation option behaves as for native Llava. Lengths (`max_length`, `min_length`) count the caller's
+        `input_ids`, and the returned sequences are the caller's `input_ids` followed by the new tokens, so
+        `out[:, input_ids.shape[1]:]` is the answer. With `return_dict_in_generate=True` the output also carries
+        `trim_selection`. A cache returned by an earlier call continues a chat when its images' selection is the
+        same; one built from another selection is refused.
         """
+        if trim_ratio is not FROM_CONFIG:
+            check_trim_ratio(trim_ratio)  # also when there is no image
         if pixel_values is None:
-            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        if kwargs.get("inputs_embeds") is not None:
-            raise ValueError("Pass `input_ids` with `pixel_values`, not `inputs_embeds`.")
+            return super().generate(inputs, generation_config, **kwargs)
+        input_ids = kwargs.pop("input_ids", None)
+        if inputs is not None:
+            if input_ids is not None:
+                raise ValueError("Pass the prompt once: as `inputs` or as `input_ids`, not both.")
+            input_ids = inputs
+        trimmed = self.model.prepare_trimmed_inputs(
+            input_ids,
+            pixel_values,
+            kwargs.pop("attention_mask", None),
+            trim_input_ids,
+            trim_attention_mask,
+            trim_ratio,
+            position_ids=kwargs.pop("position_ids", None),
+            inputs_embeds=kwargs.pop("inputs_embeds", None),
+            mm_encoder_outputs=kwargs.pop("mm_encoder_outputs", None),
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+        )
+        sequence, image_outputs = trimmed.sequence, trimmed.image_outputs
+        if sequence.position_ids is not None:
+            kwargs["position_ids"] = sequence.position_ids
+        cache = kwargs.get("cache")
+        if cache is not None and cache.get_seq_length() > 0:
+            image_outputs = _features_after_cache(cache, trimmed, self.config.image_token_id)
+        generation_config = _lengths_in_compacted_prompt(
+            self, generation_config, kwargs, sequence.input_ids.shape[1] - input_ids.shape[1]
+        )
+        if kwargs.get("streamer") is not None:
+            kwargs["streamer"] = _CallerPromptStreamer(kwargs["streamer"], input_ids)
 
-        with torch.no_grad():
-            trimmed = self.model.trim_inputs(
-                input_ids, pixel_values, attention_mask, trim_input_ids, trim_attention_mask, trim_ratio
-            )
-        sequence = trimmed.sequence
         outputs = super().generate(
-            input_ids=sequence.input_ids,
-            inputs_embeds=trimmed.inputs_embeds,
+            sequence.input_ids,
+            generation_config,
             attention_mask=sequence.attention_mask,
+            mm_encoder_outputs={"image": image_outputs},
             **kwargs,
         )
 
@@ -655,11 +931,92 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
         new_tokens = sequences[:, sequence.input_ids.shape[1] :]
         prompts = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
         sequences = torch.cat([prompts, new_tokens.to(prompts.device)], dim=1)
+        for used_cache in (cache, getattr(outputs, "cache", None)):
+            if used_cache is not None:
+                _record_selection(used_cache, trimmed)
         if isinstance(outputs, torch.Tensor):
             return sequences
         outputs.sequences = sequences
         outputs["trim_selection"] = trimmed.selection
         return outputs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation helpers: lengths in the caller's coordinates, caches that carry a selection
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _lengths_in_compacted_prompt(
+    model: LlavaTrimForConditionalGeneration, generation_config: GenerationConfig | None, kwargs: dict, shift: int
+) -> GenerationConfig | None:
+    """Move explicit `max_length` / `min_length` (caller's coordinates) by `shift` into the compacted prompt's."""
+    if shift == 0:
+        return generation_config
+    config = copy.deepcopy(generation_config) if generation_config is not None else None
+    for name in ("max_length", "min_length"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = max(kwargs[name] + shift, 0)
+        elif config is not None and getattr(config, name, None) is not None:
+            setattr(config, name, max(getattr(config, name) + shift, 0))
+        elif getattr(model.generation_config, name, None) is not None:
+            value = max(getattr(model.generation_config, name) + shift, 0)
+            if config is not None:
+                setattr(config, name, value)
+            else:
+                kwargs[name] = value
+    return config
+
+
+def _record_selection(cache: Cache, trimmed: TrimmedInputs) -> None:
+    """Note on the cache which selection its image positions come from, so that a continuation can check it."""
+    cache.llava_trim_record = TrimCacheRecord(
+        trimmed.sequence.input_ids, trimmed.selection.keep_mask, trimmed.selection.trim_ratio
+    )
+
+
+def _features_after_cache(cache: Cache, trimmed: TrimmedInputs, image_token_id: int) -> LlavaTrimImageOutput:
+    """Continue from a cache: check it was built from this selection and keep the features of uncached images only."""
+    past_length = cache.get_seq_length()
+    selection = trimmed.selection
+    columns = (trimmed.sequence.input_ids == image_token_id).nonzero()[:, 1]  # row after row: pixel_values order
+    image_of = torch.arange(len(selection.keep_mask), device=columns.device).repeat_interleave(
+        selection.tokens_per_image.to(columns.device)
+    )
+    cached = columns < past_length
+    cached_images = image_of[cached].unique().tolist()
+    if not cached_images:
+        return trimmed.image_outputs
+    record = getattr(cache, "llava_trim_record", None)
+    if record is None:
+        raise ValueError(
+            "The cache covers image positions but does not say which image tokens TRIM kept when it was built: "
+            "continue only with a cache returned by this model's `generate` or `forward`, or start without it."
+        )
+    if record.trim_ratio != selection.trim_ratio:
+        raise ValueError(
+            f"The cache was built with trim_ratio={record.trim_ratio!r} but this call uses "
+            f"trim_ratio={selection.trim_ratio!r}: pass trim_ratio={record.trim_ratio!r} to continue it, or start "
+            "without the cache."
+        )
+    if set(cached_images) & set(image_of[~cached].tolist()):
+        raise ValueError("The cache ends inside an image's tokens: start from the cache of a whole earlier turn.")
+    length = min(record.input_ids.shape[1], past_length)
+    same_prefix = record.input_ids.shape[0] == trimmed.sequence.input_ids.shape[0] and torch.equal(
+        record.input_ids[:, :length].to(trimmed.sequence.input_ids.device), trimmed.sequence.input_ids[:, :length]
+    )
+    same_selection = len(record.keep_mask) >= len(cached_images) and all(
+        torch.equal(record.keep_mask[i].to(selection.keep_mask.device), selection.keep_mask[i]) for i in cached_images
+    )
+    if not (same_prefix and same_selection):
+        raise ValueError(
+            f"TRIM now keeps different tokens of image(s) {cached_images} than when the cache was built (was each "
+            "image's question, `trim_text`, changed?). Keep each image's question the same over the chat (the "
+            "processor's default: the user turn that carries it), or start without the cache."
+        )
+    features = torch.cat(trimmed.image_outputs.pooler_output)[
+        ~cached.to(trimmed.image_outputs.pooler_output[0].device)
+    ]
+    return LlavaTrimImageOutput(pooler_output=[features], trim_selection=selection)
 
 
 __all__ = [

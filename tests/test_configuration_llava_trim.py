@@ -32,7 +32,7 @@ def test_valid_ratios(ratio):
         ("trim_ratio", 0, r"`trim_ratio` must be None \(TRIM off\), -1 \(automatic IQR selection\) or a fraction"),
         ("trim_ratio", 1.01, "a fraction in \\(0, 1\\]"),
         ("trim_ratio", -0.5, "got -0.5"),
-        ("trim_iqr_multiplier", -1.0, "`trim_iqr_multiplier` must be a number >= 0"),
+        ("trim_iqr_multiplier", -1.0, "`trim_iqr_multiplier` must be a finite number >= 0"),
         ("trim_scope", "global", r"trim_scope.*one of \('image', 'batch'\), got global"),
     ],
 )

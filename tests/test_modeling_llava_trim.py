@@ -1,4 +1,4 @@
-"""LlavaTrimForConditionalGeneration against the native transformers Llava (TRIM off) and DESIGN.md section 2 (on)."""
+"""LlavaTrimForConditionalGeneration against native transformers Llava (TRIM off) and docs/trim.md section 2 (on)."""
 
 import subprocess
 import sys
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llava_trim.modeling_llava_trim import compact_image_runs, trim_keep_mask
+from llava_trim.tools.finetune import configure_trainable_parameters
 from llava_trim.tools.tiny import TINY_CLIP_TEXT, TINY_IMAGE_TOKEN_ID, native_llava, tiny_model
 
 S = 576  # image tokens per image
@@ -18,7 +19,7 @@ BOS, EOS, PAD = 1, 2, 1001
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Inputs and an independent reference for DESIGN.md section 2
+# Inputs and an independent reference for docs/trim.md section 2
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -66,7 +67,7 @@ def pixels(num: int, seed: int = 0) -> torch.Tensor:
 
 
 def reference_keep(probs: np.ndarray, trim_ratio: float, k: float = 1.5, scope: str = "image") -> np.ndarray:
-    """DESIGN.md section 2 point 5, written with numpy: the boolean keep mask of shape (num_images, N)."""
+    """docs/trim.md section 2 point 4, written with numpy: the boolean keep mask of shape (num_images, N)."""
     num_images, n = probs.shape
 
     def top(row: np.ndarray, count: int) -> np.ndarray:
@@ -181,7 +182,7 @@ def test_config_off_is_native(native):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# TRIM on: the selection of DESIGN.md section 2
+# TRIM on: the selection of docs/trim.md section 2
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -420,8 +421,14 @@ def test_loss_equals_native_loss_on_hand_compacted_sequence(model, native):
     assert (out.compacted_labels[out.compacted_input_ids == TINY_IMAGE_TOKEN_ID] == -100).all()
 
 
+def test_construction_leaves_every_parameter_trainable():
+    model = tiny_model(seed=2)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_training_lowers_loss_with_clip_towers_frozen():
     model = tiny_model(seed=2).train()
+    configure_trainable_parameters(model)  # freezing belongs to the fine-tuning setup, not to the constructor
     model.gradient_checkpointing_enable()
     inputs, _ = training_batch()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -501,6 +508,10 @@ def test_trim_ratio_out_of_range(model, bad):
     trim_ids, _ = questions(1)
     with pytest.raises(ValueError, match=r"`trim_ratio` must be None \(TRIM off\), -1"):
         model(input_ids=input_ids, pixel_values=pixels(1), trim_input_ids=trim_ids, trim_ratio=bad)
+    with pytest.raises(ValueError, match=r"`trim_ratio` must be None \(TRIM off\), -1"):
+        model(input_ids=input_ids[:, :3], trim_ratio=bad)  # checked also without an image
+    with pytest.raises(ValueError, match=r"`trim_ratio` must be None \(TRIM off\), -1"):
+        model.generate(input_ids=input_ids[:, :3], trim_ratio=bad, max_new_tokens=1)
 
 
 def test_missing_question_tokens(model):
@@ -542,3 +553,188 @@ def test_beam_search_and_several_return_sequences_keep_the_callers_prompt(model)
     out = model.generate(**kwargs, max_new_tokens=4, num_beams=2, num_return_sequences=2)
     assert out.shape[0] == 4
     assert torch.equal(out[:, : input_ids.shape[1]], input_ids.repeat_interleave(2, dim=0))
+
+
+def test_placeholders_without_pixel_values(model):
+    input_ids, _ = batch([prompt(4, 1, 4, seed=81)])
+    with pytest.raises(ValueError, match="hold image placeholder tokens but no `pixel_values` were given"):
+        model(input_ids=input_ids)
+    with pytest.raises(ValueError, match="hold image placeholder tokens but no `pixel_values` were given"):
+        model.generate(input_ids=input_ids, max_new_tokens=2)
+
+
+def test_unattended_placeholders(model):
+    input_ids, attention_mask = batch([prompt(4, 1, 4, seed=82)])
+    attention_mask[0, 10] = 0  # inside the image's run
+    with pytest.raises(ValueError, match="`attention_mask` is 0 on image placeholder tokens"):
+        model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels(1), trim_ratio=None)
+
+
+def test_placeholder_run_split_by_text(model):
+    input_ids = torch.tensor([[BOS, 5, 6] + [TINY_IMAGE_TOKEN_ID] * 300 + [7, 8] + [TINY_IMAGE_TOKEN_ID] * 276 + [9]])
+    with pytest.raises(ValueError, match=r"placeholders of image\(s\) \[0\] are split by other tokens"):
+        model(input_ids=input_ids, pixel_values=pixels(1), trim_ratio=None)
+
+
+def test_bad_pixel_values(model):
+    input_ids, _ = batch([prompt(4, 1, 4, seed=83)])
+    with pytest.raises(ValueError, match=r"got \(3, 336, 336\)\. For a single image add the batch dimension"):
+        model(input_ids=input_ids, pixel_values=pixels(1)[0], trim_ratio=None)
+    broken = pixels(2)
+    broken[1, 0, 5, 5] = float("nan")
+    input_ids, _ = batch([prompt(4, 2, 4, seed=83)])
+    with pytest.raises(ValueError, match=r"`pixel_values` of image\(s\) \[1\] hold NaN or infinite values"):
+        model(input_ids=input_ids, pixel_values=broken, trim_ratio=None)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda ids, mask: (ids[0], mask),
+            r"must be 2-D \(num_images, length\), got shape \(\d+,\).*trim_input_ids\[None\]",
+        ),
+        (lambda ids, mask: (ids.float(), mask), "must hold integer token ids .* got dtype torch.float32"),
+        (lambda ids, mask: (ids + 5000, mask), r"ids outside the CLIP text tower's vocabulary \[0, 1000\)"),
+        (lambda ids, mask: (ids, torch.cat([mask, mask])), "`trim_attention_mask` has shape .* but `trim_input_ids`"),
+    ],
+    ids=["1-D", "float", "out-of-vocabulary", "mask-rows"],
+)
+def test_bad_question_tokens(model, change, message):
+    input_ids, _ = batch([prompt(4, 1, 4, seed=84)])
+    trim_ids, trim_mask = change(*questions(1))
+    with pytest.raises(ValueError, match=message):
+        model(input_ids=input_ids, pixel_values=pixels(1), trim_input_ids=trim_ids, trim_attention_mask=trim_mask)
+
+
+def test_numpy_and_tensor_ratios_are_accepted(model):
+    input_ids, _ = batch([prompt(4, 1, 4, seed=85)])
+    trim_ids, trim_mask = questions(1)
+    kwargs = dict(input_ids=input_ids, pixel_values=pixels(1), trim_input_ids=trim_ids, trim_attention_mask=trim_mask)
+    with torch.no_grad():
+        expected = model(**kwargs, trim_ratio=0.5).logits
+        assert torch.equal(model(**kwargs, trim_ratio=np.float32(0.5)).logits, expected)
+        assert torch.equal(model(**kwargs, trim_ratio=np.float64(0.5)).logits, expected)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# TRIM settings: validated at every entry
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (dict(trim_ratio=2), "`trim_ratio` must be None"),
+        (dict(trim_ratio=0), "`trim_ratio` must be None"),
+        (dict(trim_ratio=float("nan")), "`trim_ratio` must be None"),
+        (dict(trim_iqr_multiplier=-5), "`trim_iqr_multiplier` must be a finite number >= 0"),
+    ],
+)
+def test_from_pretrained_validates_settings(model, tmp_path_factory, setting, message):
+    from transformers.modeling_utils import PreTrainedModel  # noqa: F401 (loads the same class as users do)
+
+    folder = tmp_path_factory.getbasetemp() / "saved-for-settings"
+    if not folder.exists():
+        model.save_pretrained(folder)
+    with pytest.raises(Exception, match=message):
+        type(model).from_pretrained(folder, **setting)
+
+
+def test_config_assignment_is_validated(model):
+    with pytest.raises(Exception, match="`trim_ratio` must be None"):
+        model.config.trim_ratio = 5
+    with pytest.raises(Exception, match="`trim_iqr_multiplier` must be a finite number >= 0"):
+        model.config.trim_iqr_multiplier = -5
+    assert (model.config.trim_ratio, model.config.trim_iqr_multiplier) == (-1, 1.5)
+
+
+def test_run_time_checks_the_multiplier_and_save_leaves_no_folder(tmp_path):
+    broken = tiny_model(seed=0)
+    broken.config.__dict__["trim_iqr_multiplier"] = -5.0  # bypasses the setter, as a hand-edited object would
+    input_ids, _ = batch([prompt(4, 1, 4, seed=86)])
+    with pytest.raises(ValueError, match="`trim_iqr_multiplier` must be a finite number >= 0"):
+        broken(input_ids=input_ids, pixel_values=pixels(1), trim_input_ids=questions(1)[0])
+    with pytest.raises(Exception, match="`trim_iqr_multiplier` must be a finite number >= 0"):
+        broken.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Native API shapes
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_return_dict_false_gives_a_tuple(model):
+    input_ids, _ = batch([prompt(4, 1, 4, seed=87)])
+    trim_ids, _ = questions(1)
+    with torch.no_grad():
+        as_dict = model(input_ids=input_ids, pixel_values=pixels(1), trim_input_ids=trim_ids)
+        as_tuple = model(input_ids=input_ids, pixel_values=pixels(1), trim_input_ids=trim_ids, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    assert torch.equal(as_tuple[0], as_dict.logits)
+
+
+def test_generate_takes_the_prompt_as_inputs(model):
+    input_ids, _ = batch([prompt(4, 1, 4, seed=88)])
+    kwargs = dict(pixel_values=pixels(1), trim_input_ids=questions(1)[0], max_new_tokens=3)
+    expected = model.generate(input_ids=input_ids, **kwargs)
+    assert torch.equal(model.generate(inputs=input_ids, **kwargs), expected)
+    assert torch.equal(model.generate(input_ids, **kwargs), expected)
+    with pytest.raises(ValueError, match="Pass the prompt once: as `inputs` or as `input_ids`"):
+        model.generate(input_ids, input_ids=input_ids, **kwargs)
+
+
+def test_vision_feature_layer_per_call_as_native(model, native):
+    input_ids, _ = batch([prompt(4, 1, 4, seed=89)])
+    with torch.no_grad():
+        ours = model(input_ids=input_ids, pixel_values=pixels(1), trim_ratio=None, vision_feature_layer=-1).logits
+        theirs = native(input_ids=input_ids, pixel_values=pixels(1), vision_feature_layer=-1).logits
+        default = model(input_ids=input_ids, pixel_values=pixels(1), trim_ratio=None).logits
+    assert (ours - theirs).abs().max() <= 1e-5
+    assert not torch.allclose(ours, default)
+    with pytest.raises(ValueError, match=r"TRIM needs a single `vision_feature_layer` \(an int such as -2\)"):
+        model(input_ids=input_ids, pixel_values=pixels(1), trim_ratio=None, vision_feature_layer=[-2, -1])
+
+
+def test_refused_arguments(model):
+    input_ids, _ = batch([prompt(4, 1, 4, seed=90)])
+    trim_ids, _ = questions(1)
+    kwargs = dict(input_ids=input_ids, pixel_values=pixels(1), trim_input_ids=trim_ids)
+    with pytest.raises(ValueError, match="`image_sizes` is not used by LLaVA-1.5"):
+        model(**kwargs, image_sizes=torch.tensor([[336, 336]]))
+    with pytest.raises(ValueError, match="`position_ids` cannot follow the compacted sequence when TRIM is on"):
+        model(**kwargs, position_ids=torch.arange(input_ids.shape[1])[None])
+    with pytest.raises(ValueError, match="not `inputs_embeds`: the placeholder tokens mark the images"):
+        model(pixel_values=pixels(1), inputs_embeds=torch.zeros(1, 3, 64))
+    with pytest.raises(ValueError, match="either `pixel_values` or precomputed `mm_encoder_outputs`, not both"):
+        model(**kwargs, mm_encoder_outputs={"image": None})
+    with torch.no_grad():
+        cache = model(**kwargs, use_cache=True).cache
+    with pytest.raises(ValueError, match="`forward` with `pixel_values` and a non-empty cache is not supported"):
+        model(**kwargs, past_key_values=cache)
+    with pytest.raises(TypeError, match="trim_raito"):
+        model.select_image_tokens(pixel_values=pixels(1), trim_input_ids=trim_ids, trim_raito=0.5)
+
+
+def test_get_image_features_applies_trim(model):
+    trim_ids, trim_mask = questions(2)
+    with torch.no_grad():
+        out = model.get_image_features(
+            pixels(2), trim_input_ids=trim_ids, trim_attention_mask=trim_mask, trim_ratio=0.25
+        )
+        full = model.get_image_features(pixels(2), trim_ratio=None)
+    assert [tuple(f.shape) for f in out.pooler_output] == [(144 + 1, 64)] * 2
+    assert out.trim_selection.num_kept.tolist() == [144, 144]
+    assert [len(f) for f in full.pooler_output] == [S, S]
+
+
+def test_projections_stay_float32_under_casts():
+    model = tiny_model(seed=3)
+    scorer = model.model.trim_scorer
+    weights = {name: p.detach().clone() for name, p in scorer.named_parameters() if "projection" in name}
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.bfloat16)):
+        cast(model)
+        assert model.model.language_model.embed_tokens.weight.dtype != torch.float32
+        for name, weight in weights.items():
+            assert torch.equal(scorer.get_parameter(name), weight), name

@@ -120,7 +120,7 @@ def run_converted(model_dir: Path, question: str = QUESTION, repeats: int = 5) -
     print("             whole forward   language model only   language-model positions")
     for label, trim_ratio in (("TRIM off", None), ("TRIM on", model.config.trim_ratio)):
         with torch.no_grad():
-            trimmed = model.model.trim_inputs(
+            trimmed = model.model.prepare_trimmed_inputs(
                 inputs["input_ids"],
                 inputs["pixel_values"],
                 inputs["attention_mask"],
@@ -128,11 +128,15 @@ def run_converted(model_dir: Path, question: str = QUESTION, repeats: int = 5) -
                 inputs["trim_attention_mask"],
                 trim_ratio=trim_ratio,
             )
-        sequence = trimmed.sequence
+            sequence = trimmed.sequence
+            # the language model's input: token embeddings with the trimmed image features in the placeholders
+            image_mask = (sequence.input_ids == model.config.image_token_id).unsqueeze(-1)
+            embeds = model.get_input_embeddings()(sequence.input_ids)
+            embeds = embeds.masked_scatter(image_mask, torch.cat(trimmed.image_outputs.pooler_output))
 
-        def language_model(trimmed=trimmed, sequence=sequence):
+        def language_model(embeds=embeds, sequence=sequence):
             hidden = model.model.language_model(
-                inputs_embeds=trimmed.inputs_embeds,
+                inputs_embeds=embeds,
                 attention_mask=sequence.attention_mask,
                 position_ids=sequence.position_ids,
             ).last_hidden_state
