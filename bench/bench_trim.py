@@ -506,7 +506,7 @@ class Bench:
             parts.append(
                 f"Operators that wait for the device on a GPU (host syncs) in one prefill, batch {batch}, with the "
                 "source line that issued them; `.tolist()` on a GPU tensor is one more (a device-to-host copy, "
-                "invisible on CPU: `trim_inputs` has one):\n\n"
+                "invisible on CPU: `prepare_trimmed_inputs` has some):\n\n"
                 + markdown_table(["config", "sync ops", "in modeling_llava_trim.py", "where"], rows)
             )
         calls = count_module_calls(self.model, functools.partial(self.generate_fn(1, "auto"), max_new_tokens=8))
