@@ -231,7 +231,7 @@ def test_collator_errors_name_the_problem(preprocessing, collator):
     with pytest.raises(ValueError, match="no '<image>' token"):
         LlavaTrimDataCollator(plain, preprocessing["clip_tokenizer"], preprocessing["image_processor"])
     conversation = [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A long answer."}]
-    full = collator.encode_text(conversation)["input_ids"]
+    full = collator([{"image": image, "conversations": conversation}])["input_ids"][0].tolist()
     image_start = full.index(TINY_IMAGE_TOKEN_ID)
     image_end = image_start + IMAGE_SEQ_LENGTH
     for limit in (image_start, image_start + 100, image_end - 1):  # before, inside, one short of the image's end
