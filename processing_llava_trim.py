@@ -300,6 +300,16 @@ def questions_from_messages(messages: list[dict], image_token: str = "<image>") 
     return _assign_questions(turns)
 
 
+def single_turn_messages(question: str, image: Any = None) -> list[dict]:
+    """
+    The chat of one image and one question, as LLaVA-1.5 is evaluated: `processor.apply_chat_template(messages,
+    add_generation_prompt=True)` renders `"{system} USER: <image>\\n{question} ASSISTANT:"`. `image` (optional)
+    is put in the image entry, so that `tokenize=True` also processes it.
+    """
+    entry = {"type": "image"} if image is None else {"type": "image", "image": image}
+    return [{"role": "user", "content": [entry, {"type": "text", "text": question}]}]
+
+
 def questions_from_prompt(
     prompt: str, image_token: str = "<image>", special_tokens: tuple[str, ...] = ()
 ) -> list[str]:
@@ -769,4 +779,5 @@ __all__ = [
     "load_image",
     "questions_from_messages",
     "questions_from_prompt",
+    "single_turn_messages",
 ]

@@ -1,6 +1,7 @@
 """LlavaTrimProcessor: LLaVA-1.5's prompt and image preprocessing, TRIM's question, saving, and the pipeline."""
 
 import base64
+import importlib.util
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from llava_trim.processing_llava_trim import (
     load_image,
     questions_from_messages,
     questions_from_prompt,
+    single_turn_messages,
 )
 from llava_trim.tools.tiny import tiny_model
 from llava_trim.tools.tiny_tokenizers import (
@@ -98,6 +100,35 @@ def test_chat_template_variants(processor):
     assert processor.apply_chat_template(finished) == SYSTEM + f" USER: <image>\n{QUESTION} ASSISTANT: Red.</s>"
     with pytest.raises(Exception, match="role tool"):
         processor.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+def llava_conversation_module():
+    """`llava.conversation` of LLaVA's own package (`llava-torch==1.2.2.post1`, installed without its dependencies by
+    `make install`), loaded on its own: the package's `__init__` would import LLaVA's whole model code."""
+    spec = importlib.util.find_spec("llava")
+    assert spec is not None, "LLaVA's package is the reference: `pip install --no-deps llava-torch==1.2.2.post1`"
+    path = Path(spec.submodule_search_locations[0]) / "conversation.py"
+    module_spec = importlib.util.spec_from_file_location("llava_conversation", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "turns",
+    [(QUESTION,), (QUESTION, "Red."), (QUESTION, "Red.", "And the car?"), (QUESTION, "Red.", "And the car?", "Blue.")],
+)
+def test_chat_template_is_llavas_conv_vicuna_v1(processor, turns):
+    conversation = llava_conversation_module().conv_vicuna_v1.copy()
+    for index, text in enumerate(turns):
+        conversation.append_message(conversation.roles[index % 2], "<image>\n" + text if index == 0 else text)
+    if len(turns) % 2:
+        conversation.append_message(conversation.roles[1], None)
+    rendered = processor.apply_chat_template(chat(*turns), add_generation_prompt=len(turns) % 2 == 1)
+    assert rendered == conversation.get_prompt()
+    if len(turns) == 1:
+        single = processor.apply_chat_template(single_turn_messages(QUESTION), add_generation_prompt=True)
+        assert single == conversation.get_prompt()
 
 
 def test_input_ids_are_llava_tokenizer_image_token(processor, tmp_path):
