@@ -363,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         raise SystemExit(f"--image: {error}") from None
 
+    if args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().is_dir():
+        raise SystemExit(f"--model: no such folder: {args.model} (pass a converted LLaVA-TRIM folder or a Hub id)")
     try:
         model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
     except (OSError, ValueError) as error:
