@@ -480,11 +480,13 @@ class LlavaTrimProcessor(ProcessorMixin):
             for name in ("trim_text", "trim_ratio"):
                 if name in kwargs:
                     processor_kwargs[name] = kwargs.pop(name)
-            if processor_kwargs.get("trim_text") is None:
+            given = processor_kwargs.get("trim_text")
+            if given is None or isinstance(given, (list, tuple)):  # `None` entries: the messages' questions
                 conversations, _ = self._normalize_conversations(conversation)
-                processor_kwargs["trim_text"] = [
-                    questions_from_messages(messages, self.image_token) for messages in conversations
-                ]
+                questions = [questions_from_messages(messages, self.image_token) for messages in conversations]
+                if given is not None and len(given) == len(questions):
+                    questions = [own if entry is None else entry for entry, own in zip(given, questions, strict=True)]
+                processor_kwargs["trim_text"] = questions if given is None or len(given) == len(questions) else given
             kwargs["processor_kwargs"] = processor_kwargs
         return super().apply_chat_template(conversation, chat_template, **kwargs)
 

@@ -422,6 +422,13 @@ def test_trim_text_overrides_the_messages(processor):
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs
         )
         assert inputs["trim_input_ids"] == [clip_row(processor, "a red bus")]
+    tricky = "Read the sign: 'USER: admin'."  # `None` entries keep the question of the messages, not of the string
+    chats = [[user({"type": "image", "image": rng_image(20, 20)}, tricky)], messages]
+    inputs = processor.apply_chat_template(
+        chats, add_generation_prompt=True, tokenize=True, return_dict=True, trim_text=[None, "a red bus"],
+        processor_kwargs={"padding": True},
+    )  # fmt: skip
+    assert inputs["trim_input_ids"] == [clip_row(processor, tricky), clip_row(processor, "a red bus")]
 
 
 def test_trim_text_overrides_question(processor):

@@ -303,7 +303,7 @@ class LlavaTrimDataCollator:
             tokenize=True,
             return_dict=True,
             return_assistant_tokens_mask=True,
-            return_tensors="pt",
+            return_tensors=None,  # lists: the assistant mask is read token by token
             processor_kwargs={
                 "padding": True,
                 "padding_side": "right",  # for training
@@ -313,6 +313,7 @@ class LlavaTrimDataCollator:
                 "trim_text": None if self.trim_question == "first" else trim_text,
             },
         )
+        batch = batch.convert_to_tensors("pt")
         supervised = batch.pop("assistant_masks").bool()  # (batch, length)
         batch["labels"] = batch["input_ids"].masked_fill(~supervised, IGNORE_INDEX)
         if "trim_input_ids" in batch:  # CLIP rows padded to the batch's longest question, not to 77
