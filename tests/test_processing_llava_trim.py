@@ -131,6 +131,20 @@ def test_chat_template_is_llavas_conv_vicuna_v1(processor, turns):
         assert single == conversation.get_prompt()
 
 
+def test_assistant_tokens_mask_marks_the_answers(processor):
+    """The template's `{% generation %}` blocks: exactly each answer and its `</s>` are marked (training labels)."""
+    messages = chat(QUESTION, "Red.", "And the car?", "Blue.", image=rng_image(20, 20))
+    inputs = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = inputs["input_ids"][0], inputs["assistant_masks"][0]
+    assert len(mask) == len(ids) and "offset_mapping" not in inputs
+    marked = [token for token, keep in zip(ids, mask, strict=True) if keep]
+    assert processor.tokenizer.decode(marked) == "Red.</s>Blue.</s>"
+    runs = [run for run in "".join(str(keep) for keep in mask).split("0") if run]
+    assert len(runs) == 2  # two separate answers
+
+
 def test_input_ids_are_llava_tokenizer_image_token(processor, tmp_path):
     """Text around `<image>` is tokenised chunk by chunk as LLaVA's `tokenizer_image_token` does (checked with the
     sentencepiece model itself), and each `<image>` becomes 576 placeholder ids."""
