@@ -222,6 +222,23 @@ def test_collator_matches_what_the_processor_gives_at_inference(preprocessing, d
     assert torch.equal(batch["trim_input_ids"][0], inference["trim_input_ids"][0, :question_length])
 
 
+def test_collator_question_is_the_turn_that_carries_the_image(preprocessing, collator):
+    """The processor's rule: an image shown in a later turn is scored against that turn's text, not the first's."""
+    record = {
+        "image": Image.new("RGB", (40, 30), (0, 200, 0)),
+        "conversations": [
+            {"from": "human", "value": "Hello!"},
+            {"from": "gpt", "value": "Hi."},
+            {"from": "human", "value": "What colour is this?\n<image>"},
+            {"from": "gpt", "value": "Green."},
+        ],
+    }
+    question = preprocessing["clip_tokenizer"].decode(
+        collator([record])["trim_input_ids"][0], skip_special_tokens=True
+    )
+    assert question.replace(" ", "") == "whatcolouristhis?"
+
+
 def test_collator_errors_name_the_problem(preprocessing, collator):
     image = Image.new("RGB", (8, 8))
     no_marker = {"image": image, "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
