@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# LLaVA's own package, the tests' reference for its prompts and scorers: pure modules only, so no dependencies
+	$(BIN)/python -m pip install --quiet --no-deps llava-torch==1.2.2.post1
 	touch $@
 
 demo: install

@@ -1,11 +1,12 @@
 # Copyright 2026 The llava-trim authors. Licensed under the Apache License, Version 2.0.
-"""Processor of LLaVA-1.5 with TRIM: CLIP image preprocessing, the Llama prompt and the CLIP-tokenised question.
+"""Processor of LLaVA-1.5 with TRIM: LLaVA's image preprocessing, the Llama prompt and the CLIP-tokenised question.
 
-Reading order: the `vicuna_v1` chat template, image loading and LLaVA-1.5's pad-to-square, question extraction, then
-[`LlavaTrimProcessor`] (`__call__` ties the three together).
+Reading order: the `vicuna_v1` chat template, image decoding, the question of each image (the rule of `docs/trim.md`,
+from chat messages or from a raw prompt), then [`LlavaTrimProcessor`] (`__call__` ties them together).
 """
 
 import base64
+import io
 import os
 import re
 import urllib.parse
@@ -13,11 +14,12 @@ import urllib.request
 from typing import Any, TypeAlias
 
 import torch
-from transformers import AddedToken
+from transformers import AddedToken, AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_backends import PilBackend
 from transformers.image_transforms import convert_to_rgb, to_pil_image
 from transformers.image_utils import ChannelDimension, is_pil_image, to_numpy_array
-from transformers.image_utils import load_image as transformers_load_image
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 from transformers.utils import is_numpy_array, logging
 
@@ -37,8 +39,16 @@ LLAVA_V1_SYSTEM = (
 # LLaVA-1.5's `conv_vicuna_v1` (separator style TWO: sep " ", sep2 "</s>"), for a chat whose image entries sit in the
 # user turns: "{system} USER: <image>\n{question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT:".
 # Content is rendered in order: an image entry becomes "<image>\n", a text entry its text. A leading system message
-# replaces the default system sentence.
+# replaces the default system sentence. Each answer and its closing "</s>" is a `{% generation %}` block, so that
+# `apply_chat_template(..., return_assistant_tokens_mask=True)` marks the tokens LLaVA-1.5 trains on.
 VICUNA_V1_CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for item in content -%}"
+    "{%- if item['type'] == 'image' -%}{{- '<image>\\n' -}}"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
     "{%- set ns = namespace(system='" + VICUNA_V1_SYSTEM.replace("'", "\\'") + "') -%}"
     "{%- set loop_messages = messages -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
@@ -49,17 +59,12 @@ VICUNA_V1_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{{- ns.system + ' ' -}}"
     "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' + render(message['content']) + ' ' -}}"
     "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}"
+    "{%- generation -%}{{- render(message['content']) + '</s>' -}}{%- endgeneration -%}"
     "{%- else -%}{{- raise_exception('LLaVA-1.5 chats have user and assistant turns (and one leading system "
     "message), got role ' + message['role']) -}}"
     "{%- endif -%}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{{- '<image>\\n' -}}"
-    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}{{- ' ' -}}{%- else -%}{{- '</s>' -}}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
@@ -67,116 +72,90 @@ VICUNA_V1_CHAT_TEMPLATE = (
 # CLIP's text tower has 77 positions.
 TRIM_MAX_LENGTH = 77
 
-# Images whose padded square is more than this many times the model's input size are first shrunk by an integer
-# factor with a box filter (as PIL's `reducing_gap` does), so that a 10000x20 strip never builds a 10000x10000 canvas.
-_MAX_DOWNSCALE_BEFORE_REDUCE = 8
-_REDUCING_GAP = 3
+# The files a CLIP tokenizer is made of (one of these sets), looked for in a saved processor's `clip_tokenizer/`.
+_CLIP_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
-# A `PIL.Image.Image`. This file does not import PIL: images are made by transformers' helpers (`load_image`,
-# `to_pil_image`, `convert_to_rgb`) and otherwise handled through their own methods (`convert`, `transpose`, ...).
+# A `PIL.Image.Image`. Pillow is what transformers' own image loading needs; it is imported where images are decoded.
 PILImage: TypeAlias = Any
-
-# EXIF orientation tag -> the `PIL.Image.Transpose` value that turns the stored pixels upright (FLIP_LEFT_RIGHT = 0,
-# FLIP_TOP_BOTTOM = 1, ROTATE_90 = 2, ROTATE_180 = 3, ROTATE_270 = 4, TRANSPOSE = 5, TRANSVERSE = 6).
-_EXIF_ORIENTATION_TAG = 0x0112
-_EXIF_ORIENTATION_TO_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}
-_XMP_ORIENTATION_PATTERNS = (r'tiff:Orientation="([0-9])"', r"<tiff:Orientation>([0-9])</tiff:Orientation>")
 
 # PIL modes with more than 8 bits per sample: scaled to 8-bit grayscale before the RGB conversion.
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Images
+# Images: one decoding path for every kind of input
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def load_image(image) -> PILImage:
     """
-    Turn one image input into an RGB `PIL.Image` upright according to its EXIF orientation.
+    Turn one image input into an upright 8-bit RGB `PIL.Image`.
 
-    Accepts a `PIL.Image` of any mode (grayscale, RGBA and palette with transparency are composited onto white, CMYK
-    converted, 16-bit and float images scaled to 8 bits), a `np.ndarray` or `torch.Tensor` (HWC or CHW, uint8, uint16,
-    bool or float in [0, 1]), a local path, a `file://` URL, an `http(s)://` URL or a base64 string. Paths, URLs and
-    base64 strings are decoded by transformers' `load_image` (EXIF orientation applied, then PIL's plain
-    `convert("RGB")`): transparent pixels of such files keep their stored colour, 16-bit samples saturate and a
-    broken EXIF block makes the file undecodable. Open such files yourself and pass the `PIL.Image` instead.
+    Every input goes through the same decoding: a local path, a `file://` or `http(s)://` URL or a base64 string is
+    opened with PIL as stored; a `np.ndarray` or `torch.Tensor` (HWC or CHW, uint8, uint16, bool or float in [0, 1])
+    becomes a PIL image; then, for all of them, the EXIF orientation is applied (`PIL.ImageOps.exif_transpose`),
+    16-bit and float samples are scaled to 8 bits, transparency (alpha, palette or colour key) is composited onto
+    white and any other mode (palette, CMYK, grayscale, ...) converted to RGB.
 
     Raises:
-        `ValueError`: when the input is not an image or the file cannot be decoded.
+        `ValueError`: when the input is not an image, cannot be decoded, or has no pixels (a width or height of 0).
     """
+    from PIL import ImageOps
+
     if isinstance(image, str):
-        return _to_rgb(_open_image_source(image))  # already upright and RGB
-    if isinstance(image, torch.Tensor) or is_numpy_array(image):
-        return _to_rgb(_array_to_pil(image))  # a new image: no EXIF
-    if not is_pil_image(image):
+        image = _open_image_source(image)
+    elif isinstance(image, torch.Tensor) or is_numpy_array(image):
+        image = _array_to_pil(image)
+    elif not is_pil_image(image):
         raise ValueError(
             f"Unsupported image input of type {type(image).__name__}: pass a PIL.Image, a numpy array, a torch "
             "tensor, a local path, a file:// or http(s):// URL, or a base64 string."
         )
-    return _to_rgb(_exif_transpose(image))
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"The image is {image.width}x{image.height} pixels: an image needs at least one pixel.")
+    try:
+        upright = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block must not make an otherwise valid image unusable
+        upright = image
+    return _to_rgb(upright)
 
 
 def _open_image_source(source: str) -> PILImage:
-    """Decode a path, file URL, http(s) URL or base64 string with transformers' `load_image` (upright, RGB)."""
+    """Open a path, file URL, http(s) URL or base64 string with PIL, pixels as stored (decoded by `load_image`)."""
+    from PIL import Image
+
     shown = source if len(source) <= 200 else source[:200] + "..."
     if source.startswith(("http://", "https://")):
         try:
-            return transformers_load_image(source)
+            with urllib.request.urlopen(source, timeout=60) as response:
+                data = response.read()
         except Exception as error:
-            raise ValueError(f"Could not load the image at {shown!r}: {error}") from None
-    if source.startswith("file://"):
-        path = urllib.request.url2pathname(urllib.parse.urlparse(source).path)
+            raise ValueError(f"Could not download the image at {shown!r}: {error}") from None
+    elif source.startswith("file://") or os.path.isfile(source):
+        path = (
+            urllib.request.url2pathname(urllib.parse.urlparse(source).path) if source.startswith("file://") else source
+        )
+        if not os.path.isfile(path):
+            raise ValueError(f"Image {shown!r}: no such file {path!r}.")
+        with open(path, "rb") as file:
+            data = file.read()
     else:
-        path = source
-    if os.path.isfile(path):
+        payload = source.split(",", 1)[1] if source.startswith("data:image/") else source
         try:
-            return transformers_load_image(path)
-        except (OSError, SyntaxError, ValueError) as error:  # PIL's `UnidentifiedImageError` is an `OSError`
+            data = base64.b64decode(payload, validate=True)  # only base64 characters: not a mistyped path
+        except ValueError:  # `binascii.Error` is a `ValueError`
             raise ValueError(
-                f"Could not decode the image file {path!r} ({error}). Pass a valid image file (PNG, JPEG, WebP, ...)."
+                f"Image {shown!r} is neither an existing file, a file:// or http(s):// URL, nor a base64-encoded "
+                "image."
             ) from None
-    payload = source.split(",", 1)[1] if source.startswith("data:image/") else source
     try:
-        base64.b64decode(payload, validate=True)  # only base64 characters: not a mistyped path
-        return transformers_load_image(payload)
-    except (OSError, SyntaxError, ValueError):  # `binascii.Error` is a `ValueError`
-        raise ValueError(
-            f"Image {shown!r} is neither an existing file, a file:// or http(s):// URL, nor a base64-encoded image."
-        ) from None
-
-
-def _exif_transpose(image: PILImage) -> PILImage:
-    """
-    A copy of `image` turned upright by its EXIF orientation, the orientation tag removed so that loading the result
-    again does not turn it twice (as PIL's `ImageOps.exif_transpose`). A broken EXIF block leaves `image` as it is.
-    """
-    try:
+        image = Image.open(io.BytesIO(data))
         image.load()
-        method = _EXIF_ORIENTATION_TO_TRANSPOSE.get(image.getexif().get(_EXIF_ORIENTATION_TAG, 1))
-        if method is None:
-            return image.copy()
-        upright = image.transpose(method)
-        exif = upright.getexif()
-        if _EXIF_ORIENTATION_TAG in exif:
-            del exif[_EXIF_ORIENTATION_TAG]
-            if "exif" in upright.info:
-                upright.info["exif"] = exif.tobytes()
-            elif "Raw profile type exif" in upright.info:
-                data = exif.tobytes()
-                upright.info["Raw profile type exif"] = f"\nexif\n{len(data):8}\n{data.hex()}\n"
-            for key in ("XML:com.adobe.xmp", "xmp"):
-                if key not in upright.info:
-                    continue
-                value = upright.info[key]
-                for pattern in _XMP_ORIENTATION_PATTERNS:
-                    value = (
-                        re.sub(pattern, "", value) if isinstance(value, str) else re.sub(pattern.encode(), b"", value)
-                    )
-                upright.info[key] = value
-        return upright
-    except Exception:  # a broken EXIF block must not make an otherwise valid image unusable
-        return image
+    except (OSError, SyntaxError, ValueError):  # PIL's `UnidentifiedImageError` is an `OSError`
+        raise ValueError(
+            f"Could not decode the image file {shown!r}: it is not an image Pillow can read (PNG, JPEG, WebP, ...)."
+        ) from None
+    return image
 
 
 def _numpy_to_tensor(array) -> torch.Tensor:
@@ -204,11 +183,13 @@ def _array_to_pil(array) -> PILImage:
         array = array.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or array.numel() == 0:
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ValueError(
             f"Cannot read an array of shape {tuple(array.shape)} as an image: expected (H, W), (H, W, C) or (C, H, W) "
             "with C in (1, 3, 4)."
         )
+    if array.numel() == 0:
+        raise ValueError(f"The image array has shape {tuple(array.shape)}: an image needs at least one pixel.")
     if array.dtype == torch.bool:
         array = array.to(torch.uint8) * 255
     elif array.is_floating_point():
@@ -250,52 +231,112 @@ def _to_rgb(image: PILImage) -> PILImage:
     return image.convert("RGB")
 
 
-def expand_to_square(image: PILImage, background_color: tuple[int, int, int], target_size: int) -> PILImage:
+def llava_image_processor(image_processor):
     """
-    LLaVA-1.5's `image_aspect_ratio: "pad"`: centre the (RGB) image on a square canvas of its longer side filled with
-    `background_color` (the CLIP mean colour). Images more than 8x larger than `target_size` are first shrunk by an
-    integer box filter so that the canvas stays small; the result then still downsamples at least 3x.
+    transformers' LLaVA image processor (pad to a square of the mean colour, LLaVA-1.5's `image_aspect_ratio: "pad"`,
+    then resize, crop and normalise) with the settings of a CLIP image processor, on the same backend (PIL or
+    torchvision). A LLaVA image processor is returned as it is.
     """
-    width, height = image.size
-    side = max(width, height)
-    if side > _MAX_DOWNSCALE_BEFORE_REDUCE * target_size:
-        factor = side // (_REDUCING_GAP * target_size)
-        image = image.reduce(factor)
-        width, height = image.size
-        side = max(width, height)
-    if width == height:
-        return image
-    # A new image of the square's size and the image's mode (`crop` beyond the borders), painted with the background
-    # colour; then the image is pasted in the middle. Its `info` is dropped, as for a fresh image: the CLIP processor
-    # would otherwise composite an RGB colour key (`info["transparency"]`) onto white.
-    canvas = image.crop((0, 0, side, side))
-    canvas.info = {}
-    canvas.paste(background_color, (0, 0, side, side))
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
+    if type(image_processor).__name__.startswith("LlavaImageProcessor"):
+        return image_processor
+    if not type(image_processor).__name__.startswith("CLIPImageProcessor"):
+        raise ValueError(
+            f"Expected a CLIP or LLaVA image processor, got {type(image_processor).__name__}: load the one saved with "
+            "the model (`AutoImageProcessor.from_pretrained(folder)`)."
+        )
+    settings = {key: value for key, value in image_processor.to_dict().items() if key != "image_processor_type"}
+    if isinstance(image_processor, PilBackend):
+        return LlavaImageProcessorPil(**settings, do_pad=True)
+    from transformers import LlavaImageProcessor  # the torchvision backend, like the CLIP processor given
+
+    return LlavaImageProcessor(**settings, do_pad=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The question TRIM scores against
+# The question TRIM scores each image against
 # ---------------------------------------------------------------------------------------------------------------------
+# The rule (docs/trim.md): an image's question is the text of the user turn that carries it, image placeholders
+# removed; if that turn has no text, the text of the next user turn that has some. The selection of an image then
+# stays the same for the whole chat (a cached prefix stays valid) and matches fine-tuning.
 
 
-def extract_question(prompt: str, image_token: str = "<image>", special_tokens: tuple[str, ...] = ()) -> str:
+def _assign_questions(turns: list[tuple[str, int, str]]) -> list[str]:
     """
-    The text of the last user turn of a prompt, without image placeholders: what TRIM embeds with CLIP.
-
-    Works on `vicuna_v1` prompts ("... USER: <image>\\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT:" gives "q2") and on
-    bare prompts without role markers ("<image>\\nWhat is this?" gives "What is this?").
+    One question per image from `(role, num_images, text)` turns in order: an image gets the text of its own user
+    turn, or of the next user turn with text (empty when there is none).
     """
-    start = prompt.rfind("USER:")
-    question = prompt[start + len("USER:") :] if start >= 0 else prompt
-    end = question.find("ASSISTANT:")
-    if end >= 0:
-        question = question[:end]
-    question = re.sub(re.escape(image_token) + r"\n?", "", question)
+    questions, waiting = [], 0
+    for role, num_images, text in turns:
+        waiting += num_images
+        if role == "user" and text:
+            questions += [text] * waiting
+            waiting = 0
+    return questions + [""] * waiting
+
+
+def questions_from_messages(messages: list[dict], image_token: str = "<image>") -> list[str]:
+    """
+    The TRIM question of each image of a chat, in the order the chat template places the images.
+
+    Each `{"type": "image"}` entry (and each literal `image_token` in a text) is an image; the question is read from
+    the messages themselves, so any text ("Read the sign: 'USER: admin'.") reaches TRIM whole. A leading system
+    message carries no image.
+    """
+    turns = []
+    for position, message in enumerate(messages):
+        if position == 0 and message.get("role") == "system":
+            continue
+        content = message.get("content")
+        items = [{"type": "text", "text": content}] if isinstance(content, str) else (content or [])
+        num_images, texts = 0, []
+        for item in items:
+            if item.get("type") == "image":
+                num_images += 1
+            elif item.get("type") == "text":
+                text = item.get("text") or ""
+                num_images += text.count(image_token)
+                texts.append(text)
+        turns.append((message.get("role"), num_images, _clean_question("".join(texts), image_token)))
+    return _assign_questions(turns)
+
+
+def single_turn_messages(question: str, image: Any = None) -> list[dict]:
+    """
+    The chat of one image and one question, as LLaVA-1.5 is evaluated: `processor.apply_chat_template(messages,
+    add_generation_prompt=True)` renders `"{system} USER: <image>\\n{question} ASSISTANT:"`. `image` (optional)
+    is put in the image entry, so that `tokenize=True` also processes it.
+    """
+    entry = {"type": "image"} if image is None else {"type": "image", "image": image}
+    return [{"role": "user", "content": [entry, {"type": "text", "text": question}]}]
+
+
+def questions_from_prompt(
+    prompt: str, image_token: str = "<image>", special_tokens: tuple[str, ...] = ()
+) -> list[str]:
+    """
+    The TRIM question of each `image_token` of a raw prompt string, by the same rule as [`questions_from_messages`].
+
+    A raw prompt is either LLaVA-1.5's `vicuna_v1` layout, `"[system] USER: <image>\\n{question} ASSISTANT: {answer}
+    </s>USER: {question} ASSISTANT:"` (user turns start at "USER:" and end at the next "ASSISTANT:"), or text without
+    role markers, all of which is the question (`"<image>\\nWhat is this?"`). A question that itself contains "USER:"
+    or "ASSISTANT:" cannot be told apart from the markers: pass chat messages to `apply_chat_template`, or
+    `trim_text=`.
+    """
     for token in special_tokens:
-        question = question.replace(token, "")
-    return question.strip()
+        prompt = prompt.replace(token, "")
+    if "USER:" not in prompt:
+        return [_clean_question(prompt, image_token)] * prompt.count(image_token)
+    pieces = prompt.split("USER:")
+    turns = [("system", pieces[0].count(image_token), "")]
+    for piece in pieces[1:]:
+        user, _, assistant = piece.partition("ASSISTANT:")
+        turns.append(("user", user.count(image_token), _clean_question(user, image_token)))
+        turns.append(("assistant", assistant.count(image_token), ""))
+    return _assign_questions(turns)
+
+
+def _clean_question(text: str, image_token: str) -> str:
+    return re.sub(re.escape(image_token) + r"\n?", "", text).strip()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -303,8 +344,18 @@ def extract_question(prompt: str, image_token: str = "<image>", special_tokens: 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class _Unset:
+    """Default of `__call__`'s `trim_ratio`: not given (`None` means TRIM off)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset()
+
+
 class LlavaTrimProcessorKwargs(ProcessingKwargs, total=False):
-    """The standard text / images keyword arguments (`trim_text` is an argument of `__call__`)."""
+    """The standard text / images keyword arguments (`trim_text` and `trim_ratio` are arguments of `__call__`)."""
 
 
 class LlavaTrimProcessor(ProcessorMixin):
@@ -312,22 +363,26 @@ class LlavaTrimProcessor(ProcessorMixin):
     Processor of [`LlavaTrimForConditionalGeneration`]: LLaVA-1.5's image preprocessing and prompt, plus the question
     of each image tokenised for CLIP (TRIM's `trim_input_ids`).
 
-    - Images are padded to a square filled with the CLIP mean colour (LLaVA-1.5's `image_aspect_ratio: "pad"`), then
-      go through the CLIP image processor (336 px). Any PIL mode, arrays, tensors, paths and URLs are accepted.
+    - Images are decoded by [`load_image`] (paths, URLs, base64, arrays, tensors and PIL images alike), then go
+      through transformers' LLaVA image processor with `do_pad=True`: padded to a square of the CLIP mean colour
+      (LLaVA-1.5's `image_aspect_ratio: "pad"`), resized, cropped and normalised (336 px). A CLIP image processor
+      (what older folders and the converter hold) is turned into the LLaVA one with the same settings.
     - Each `image_token` in the text becomes `image_seq_length` placeholder ids. Text is tokenised chunk by chunk
       around the placeholders, exactly as LLaVA's `tokenizer_image_token` does.
-    - `trim_input_ids` / `trim_attention_mask` hold one row per image (in `pixel_values` order): the text of the last
-      user turn with the placeholders removed, CLIP-tokenised, truncated and right-padded to 77 tokens (CLIP's
-      length; the padding is invisible to CLIP's causal text tower, and fixed-size rows batch by concatenation).
-      `trim_text=` overrides the question. An empty question is encoded as CLIP's empty text (start and end tokens
-      only) and logs a warning: TRIM then ranks patches against an empty query, so pass `trim_text=` or generate with
-      `trim_ratio=None` for prompts without a question.
-    - Batches are padded on the left (for generation) unless `padding_side="right"` is passed.
+    - `trim_input_ids` / `trim_attention_mask` hold one row per image (in `pixel_values` order): the image's question
+      (the text of the user turn that carries it, or of the next user turn with text; see `docs/trim.md`),
+      CLIP-tokenised, truncated and right-padded to 77 tokens. With `apply_chat_template` the question is read from
+      the messages; a raw prompt string is parsed as [`questions_from_prompt`] describes. `trim_text=` overrides the
+      question. An empty question is encoded as CLIP's empty text and logs a warning.
+    - Padding follows the tokenizer, which the processor never changes: its `padding_side` (converted checkpoints
+      save "left", for generation; pipelines batch with it too) unless a call passes `padding_side=`, and its pad
+      token, or its unk token when it has none (LLaVA-1.5's choice).
+    - `trim_ratio=` is passed through to the model (`generate(**inputs)`), so that pipelines accept it at the top
+      level: `pipe(text=messages, trim_ratio=0.1)`.
 
     Args:
-        image_processor ([`CLIPImageProcessor`]): the CLIP image processor (336 px for LLaVA-1.5).
-        tokenizer ([`LlamaTokenizer`]): the language model's tokenizer; must contain `image_token`. A tokenizer
-            without a pad token pads with its unk token, as LLaVA-1.5 did.
+        image_processor ([`LlavaImageProcessorPil`] or [`CLIPImageProcessor`]): the image processor (336 px).
+        tokenizer ([`LlamaTokenizer`]): the language model's tokenizer; must contain `image_token`.
         clip_tokenizer ([`CLIPTokenizer`]): the tokenizer of the CLIP text tower; saved in the `clip_tokenizer/`
             subfolder.
         chat_template (`str`, *optional*): defaults to LLaVA-1.5's `vicuna_v1` conversation.
@@ -372,21 +427,68 @@ class LlavaTrimProcessor(ProcessorMixin):
                 "special_tokens=True)` and give the model the same id as `image_token_id` (the checkpoint converter "
                 "does both)."
             )
-        if tokenizer.pad_token is None:
-            if tokenizer.unk_token is None:
-                raise ValueError("The tokenizer has neither a pad nor an unk token to pad with: set `pad_token`.")
-            tokenizer.pad_token = tokenizer.unk_token  # LLaVA-1.5's conversation v1 pads with <unk>
-        tokenizer.padding_side = "left"
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+        if pad_token_id is None:
+            raise ValueError("The tokenizer has neither a pad nor an unk token to pad with: set `pad_token`.")
         self.image_token = image_token
         self.image_token_id = image_token_id
         self.image_seq_length = image_seq_length
+        self.pad_token_id = pad_token_id
         super().__init__(
-            image_processor,
+            llava_image_processor(image_processor),
             tokenizer,
             clip_tokenizer,
             chat_template=chat_template if chat_template is not None else VICUNA_V1_CHAT_TEMPLATE,
             **kwargs,
         )
+
+    @classmethod
+    def _load_tokenizer_from_pretrained(
+        cls, sub_processor_type, pretrained_model_name_or_path, subfolder="", **kwargs
+    ):
+        """The CLIP tokenizer comes from `clip_tokenizer/` only: a folder without it is refused, never read instead."""
+        if sub_processor_type != "clip_tokenizer":
+            return super()._load_tokenizer_from_pretrained(
+                sub_processor_type, pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+            )
+        folder = os.path.join(str(pretrained_model_name_or_path), subfolder, "clip_tokenizer")
+        if os.path.isdir(str(pretrained_model_name_or_path)):
+            present = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+            if not any(all(name in present for name in names) for names in _CLIP_TOKENIZER_FILES):
+                raise ValueError(
+                    f"{folder} lacks CLIP's tokenizer files (vocab.json and merges.txt, or tokenizer.json): TRIM "
+                    "needs them to tokenise its question. Convert the checkpoint again with a complete CLIP folder."
+                )
+        clip_subfolder = os.path.join(subfolder, "clip_tokenizer") if subfolder else "clip_tokenizer"
+        try:
+            return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=clip_subfolder, **kwargs)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"Could not load the CLIP tokenizer from {clip_subfolder}/ of {pretrained_model_name_or_path} "
+                f"({error}): it needs vocab.json and merges.txt (or tokenizer.json)."
+            ) from None
+
+    # ------------------------------------------------------------------------------------------------ chat template
+    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
+        """
+        transformers' `apply_chat_template`, with each image's TRIM question taken from the messages (the text of the
+        user turn that carries the image, or of the next user turn with text) rather than from the rendered prompt.
+        `trim_text=` and `trim_ratio=` may be given here or in `processor_kwargs`; `trim_text` overrides the questions.
+        """
+        if kwargs.get("tokenize"):
+            processor_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
+            for name in ("trim_text", "trim_ratio"):
+                if name in kwargs:
+                    processor_kwargs[name] = kwargs.pop(name)
+            given = processor_kwargs.get("trim_text")
+            if given is None or isinstance(given, (list, tuple)):  # `None` entries: the messages' questions
+                conversations, _ = self._normalize_conversations(conversation)
+                questions = [questions_from_messages(messages, self.image_token) for messages in conversations]
+                if given is not None and len(given) == len(questions):
+                    questions = [own if entry is None else entry for entry, own in zip(given, questions, strict=True)]
+                processor_kwargs["trim_text"] = questions if given is None or len(given) == len(questions) else given
+            kwargs["processor_kwargs"] = processor_kwargs
+        return super().apply_chat_template(conversation, chat_template, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ call
     def __call__(
@@ -395,7 +497,8 @@ class LlavaTrimProcessor(ProcessorMixin):
         text: str | list[str] | None = None,
         videos=None,
         audio=None,
-        trim_text: str | list[str | list[str]] | None = None,
+        trim_text: str | list[str | list[str] | None] | None = None,
+        trim_ratio: float | None | _Unset = UNSET,
         **kwargs,
     ) -> BatchFeature:
         """
@@ -405,11 +508,14 @@ class LlavaTrimProcessor(ProcessorMixin):
             images: one image, a flat list (assigned to the `image_token`s in order of appearance) or one list per
                 prompt. Each image may be a `PIL.Image`, array, tensor, path, `file://`/`http(s)://` URL or base64.
             text (`str` or `list[str]`): prompts, usually from `apply_chat_template`; each `image_token` marks where
-                an image goes.
-            trim_text (`str` or `list`, *optional*): the question TRIM scores against, instead of the last user turn:
-                one string for all prompts, or one entry per prompt (a string, or a list with one string per image).
+                an image goes. See [`questions_from_prompt`] for how a raw prompt gives each image its question.
+            trim_text (`str` or `list`, *optional*): the question TRIM scores against: one string for all images, or
+                one entry per prompt (a string, a list with one string per image, or `None` for the prompt's own).
+            trim_ratio (`float` or `None`, *optional*): returned as `inputs["trim_ratio"]`, so that
+                `model.generate(**inputs)` (and pipelines) use this TRIM mode: `-1` automatic, a fraction in (0, 1],
+                `None` off. Not given: the model's `config.trim_ratio`.
             **kwargs: `return_tensors`, `padding`, `padding_side`, `max_length`, `truncation`, `pad_to_multiple_of`,
-                `add_special_tokens`, image processor options (`images_kwargs`).
+                `add_special_tokens`, `return_offsets_mapping`, image processor options (`images_kwargs`).
 
         Returns:
             [`BatchFeature`] with `input_ids`, `attention_mask` (batch, seq); when there are images also
@@ -427,18 +533,23 @@ class LlavaTrimProcessor(ProcessorMixin):
         return_tensors = text_kwargs.pop("return_tensors", None) or images_kwargs.pop("return_tensors", None)
         images_kwargs.pop("return_tensors", None)
 
-        if text is None:  # images only: what the image processor gives, padded to square
-            flat_images = _flatten_images(images)
-            return BatchFeature(self._preprocess_images(flat_images, images_kwargs), tensor_type=return_tensors)
+        if text is None:  # images only: what the image processor gives
+            return BatchFeature(self._preprocess_images(_flatten_images(images), images_kwargs), return_tensors)
 
         prompts = self._check_text(text)
         images_per_prompt = self._assign_images(images, prompts)
-        data = self._tokenize_prompts(prompts, text_kwargs, return_tensors)
+        # the tokenizer's `padding_side` (what pipelines batch with) unless this call names one
+        padding_side = kwargs.get("padding_side") or kwargs.get("text_kwargs", {}).get("padding_side")
+        data = self._tokenize_prompts(
+            prompts, text_kwargs, return_tensors, padding_side or self.tokenizer.padding_side
+        )
         flat_images = [image for per_prompt in images_per_prompt for image in per_prompt]
         if flat_images:
             data.update(self._preprocess_images(flat_images, images_kwargs))
             data.update(self._tokenize_questions(prompts, images_per_prompt, trim_text))
-        return BatchFeature(data, tensor_type=return_tensors)
+        if not isinstance(trim_ratio, _Unset):
+            data["trim_ratio"] = trim_ratio
+        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=["trim_ratio"])
 
     def _check_text(self, text) -> list[str]:
         if isinstance(text, str):
@@ -490,66 +601,95 @@ class LlavaTrimProcessor(ProcessorMixin):
             start += count
         return per_prompt
 
-    def _tokenize_prompts(self, prompts: list[str], text_kwargs: dict, return_tensors) -> dict:
+    def _tokenize_prompts(self, prompts: list[str], text_kwargs: dict, return_tensors, padding_side) -> dict:
         """LLaVA's `tokenizer_image_token`: tokenise the text between placeholders separately, splice in the ids."""
         add_special_tokens = text_kwargs.pop("add_special_tokens", True)
         truncation = text_kwargs.pop("truncation", None)
         max_length = text_kwargs.pop("max_length", None)
         padding = text_kwargs.pop("padding", False)
-        padding_side = text_kwargs.pop("padding_side", None) or "left"
+        text_kwargs.pop("padding_side", None)  # merged with the tokenizer's saved settings: see `padding_side`
         pad_to_multiple_of = text_kwargs.pop("pad_to_multiple_of", None)
         return_attention_mask = text_kwargs.pop("return_attention_mask", None)
+        return_offsets = bool(text_kwargs.pop("return_offsets_mapping", False))
+        text_kwargs.pop("return_text_replacement_offsets", None)  # the offsets already count the prompt's characters
         unsupported = [key for key, value in text_kwargs.items() if value and key.startswith("return_")]
         if unsupported:
             raise ValueError(f"LlavaTrimProcessor does not support {unsupported} (only input ids and attention mask).")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"`padding_side` must be 'left' or 'right', got {padding_side!r}.")
 
-        chunks_per_prompt = [prompt.split(self.image_token) for prompt in prompts]
-        flat_chunks = [chunk for chunks in chunks_per_prompt for chunk in chunks[1:]]
-        first = self.tokenizer([chunks[0] for chunks in chunks_per_prompt], add_special_tokens=add_special_tokens)
-        rest = self.tokenizer(flat_chunks, add_special_tokens=False)["input_ids"] if flat_chunks else []
-        placeholders = [self.image_token_id] * self.image_seq_length
-        input_ids, position = [], 0
-        for chunks, first_ids in zip(chunks_per_prompt, first["input_ids"], strict=True):
-            ids = list(first_ids)
-            for _ in chunks[1:]:
-                ids += placeholders + list(rest[position])
-                position += 1
+        input_ids, offsets = [], []  # per prompt: token ids, and (start, end) characters of the prompt per token
+        for prompt in prompts:
+            ids, spans, start = [], [], 0
+            for index, chunk in enumerate(prompt.split(self.image_token)):
+                if index > 0:  # the placeholders stand for the image token's characters
+                    ids += [self.image_token_id] * self.image_seq_length
+                    spans += [(start, start + len(self.image_token))] * self.image_seq_length
+                    start += len(self.image_token)
+                encoded = self.tokenizer(
+                    chunk,
+                    add_special_tokens=add_special_tokens and index == 0,
+                    return_offsets_mapping=return_offsets,
+                )
+                ids += encoded["input_ids"]
+                if return_offsets:
+                    spans += [(start + begin, start + end) for begin, end in encoded["offset_mapping"]]
+                start += len(chunk)
             input_ids.append(ids)
+            offsets.append(spans)
 
         if truncation and truncation != "do_not_truncate":
             limit = max_length or self.tokenizer.model_max_length
             for row, ids in enumerate(input_ids):
-                kept = ids[:limit] if self.tokenizer.truncation_side == "right" else ids[-limit:]
-                if kept.count(self.image_token_id) != ids.count(self.image_token_id):
+                kept = slice(None, limit) if self.tokenizer.truncation_side == "right" else slice(-limit, None)
+                if ids[kept].count(self.image_token_id) != ids.count(self.image_token_id):
                     raise ValueError(
-                        f"Prompt {row} is {len(ids)} tokens long and truncating it to max_length={limit} would "
-                        f"cut an image's {self.image_seq_length} placeholders: raise `max_length` or shorten the text."
+                        f"Prompt {row} is {len(ids)} tokens long and `max_length={limit}` cuts its image "
+                        f"({self.image_seq_length} placeholders): raise `max_length` or shorten the text."
                     )
-                input_ids[row] = kept
-        if not padding and len({len(ids) for ids in input_ids}) > 1 and return_tensors:
-            raise ValueError(
-                "The prompts have different lengths: pass `padding=True` to batch them into tensors (to "
-                "`apply_chat_template`: `processor_kwargs={'padding': True}`)."
-            )
-        return dict(
-            self.tokenizer.pad(
-                {"input_ids": input_ids},
-                padding=padding,
-                max_length=max_length,
-                pad_to_multiple_of=pad_to_multiple_of,
-                padding_side=padding_side,
-                return_attention_mask=return_attention_mask if return_attention_mask is not None else True,
-            )
-        )
+                input_ids[row], offsets[row] = ids[kept], offsets[row][kept]
+
+        lengths = [len(ids) for ids in input_ids]
+        if padding in (True, "longest"):
+            target = max(lengths)
+        elif padding == "max_length":
+            target = max_length or self.tokenizer.model_max_length
+        elif padding in (False, None, "do_not_pad"):
+            target = None
+            if len(set(lengths)) > 1 and return_tensors:
+                raise ValueError(
+                    "The prompts have different lengths: pass `padding=True` to batch them into tensors (to "
+                    "`apply_chat_template`: `processor_kwargs={'padding': True}`)."
+                )
+        else:
+            raise ValueError(f"`padding` must be True, False, 'longest' or 'max_length', got {padding!r}.")
+        if target is not None and pad_to_multiple_of:
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        data = {"input_ids": [], "attention_mask": []}
+        for ids, spans in zip(input_ids, offsets, strict=True):
+            pad = max(0, (target or 0) - len(ids))
+            mask = [1] * len(ids)
+            if padding_side == "left":
+                ids, mask, spans = [self.pad_token_id] * pad + ids, [0] * pad + mask, [(0, 0)] * pad + spans
+            else:
+                ids, mask, spans = ids + [self.pad_token_id] * pad, mask + [0] * pad, spans + [(0, 0)] * pad
+            data["input_ids"].append(ids)
+            data["attention_mask"].append(mask)
+            if return_offsets:
+                data.setdefault("offset_mapping", []).append(spans)
+        if return_attention_mask is False:
+            del data["attention_mask"]
+        return data
 
     def _preprocess_images(self, images: list, images_kwargs: dict) -> dict:
-        """Load, pad to a square of the CLIP mean colour, then the CLIP image processor."""
-        mean = images_kwargs.get("image_mean") or self.image_processor.image_mean
-        background = tuple(int(value * 255) for value in mean)
-        crop_size = getattr(self.image_processor, "crop_size", None)
-        target = getattr(crop_size, "height", None) or 336
-        squares = [expand_to_square(load_image(image), background, target) for image in images]
-        outputs = self.image_processor(squares, return_tensors="pt", **images_kwargs)
+        """Decode every image the same way ([`load_image`]), then LLaVA's image processor (pad, resize, normalise)."""
+        decoded = []
+        for index, image in enumerate(images):
+            try:
+                decoded.append(load_image(image))
+            except ValueError as error:
+                raise ValueError(f"Image {index} ({_describe_image(image)}): {error}") from None
+        outputs = self.image_processor(decoded, return_tensors="pt", **images_kwargs)
         return {"pixel_values": outputs["pixel_values"]}  # (num_images, 3, 336, 336)
 
     def _tokenize_questions(self, prompts: list[str], images_per_prompt: list[list], trim_text) -> dict:
@@ -567,21 +707,22 @@ class LlavaTrimProcessor(ProcessorMixin):
                 continue
             override = trim_text if isinstance(trim_text, str) or trim_text is None else trim_text[index]
             if override is None:
-                per_image = [extract_question(prompt, self.image_token, special)] * len(images)
+                per_image = questions_from_prompt(prompt, self.image_token, special)
             elif isinstance(override, str):
                 per_image = [override] * len(images)
             else:
-                if len(override) != len(images):
-                    raise ValueError(
-                        f"`trim_text[{index}]` has {len(override)} questions for {len(images)} images: give one per "
-                        "image, or a single string."
-                    )
                 per_image = list(override)
+            if len(per_image) != len(images):
+                raise ValueError(
+                    f"`trim_text[{index}]` has {len(per_image)} questions for {len(images)} images: give one per "
+                    "image, or a single string."
+                )
             questions += per_image
         if any(not question.strip() for question in questions):
             logger.warning_once(
-                "An image has an empty question (no text in the last user turn): TRIM will rank its patches against "
-                "CLIP's empty text. Pass `trim_text=` with a question, or generate with `trim_ratio=None`."
+                "An image has an empty question (no text in its user turn or any later one): TRIM will rank its "
+                "patches against CLIP's empty text. Pass `trim_text=` with a question, or generate with "
+                "`trim_ratio=None`."
             )
         max_length = min(TRIM_MAX_LENGTH, self.clip_tokenizer.model_max_length)
         encoded = self.clip_tokenizer(
@@ -591,33 +732,26 @@ class LlavaTrimProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------------------------------------ decoding
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
-        """
-        Decode generated ids to text: a list of strings for a batch (batch, seq), one string for a single sequence.
-
-        The final `ASSISTANT:` of a decoded text is always followed by whitespace, so that removing the decoded
-        prompt from the decoded prompt + answer (what the `image-text-to-text` pipeline does) leaves the bare answer,
-        without the leading space the Llama tokenizer puts on the answer's first word.
-        """
-        outputs = generated_outputs
-        single = (isinstance(outputs, torch.Tensor) and outputs.ndim == 1) or (
-            isinstance(outputs, (list, tuple)) and len(outputs) > 0 and isinstance(outputs[0], int)
+        """Decode generated ids: a list of strings for a batch (batch, seq), one string for a single sequence."""
+        single = (isinstance(generated_outputs, torch.Tensor) and generated_outputs.ndim == 1) or (
+            isinstance(generated_outputs, (list, tuple))
+            and len(generated_outputs) > 0
+            and isinstance(generated_outputs[0], int)
         )
         rows = [generated_outputs] if single else generated_outputs
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens, **kwargs)
-        texts = [_space_after_generation_prompt(text) for text in texts]
         return texts[0] if single else texts
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values", "trim_input_ids", "trim_attention_mask"]
+        return ["input_ids", "attention_mask", "pixel_values", "trim_input_ids", "trim_attention_mask", "trim_ratio"]
 
 
-def _space_after_generation_prompt(text: str, marker: str = "ASSISTANT:") -> str:
-    """Make sure the last `ASSISTANT:` of `text` is followed by whitespace."""
-    end = text.rfind(marker) + len(marker)
-    if end >= len(marker) and (end == len(text) or not text[end].isspace()):
-        text = text[:end] + " " + text[end:]
-    return text
+def _describe_image(image) -> str:
+    if isinstance(image, str):
+        return "a string"
+    shape = getattr(image, "shape", None) or getattr(image, "size", None)
+    return f"{type(image).__name__} of size {tuple(shape)}" if shape is not None else type(image).__name__
 
 
 def _is_empty_list(value) -> bool:
@@ -643,6 +777,9 @@ __all__ = [
     "VICUNA_V1_SYSTEM",
     "LlavaTrimProcessor",
     "add_image_token",
-    "extract_question",
+    "llava_image_processor",
     "load_image",
+    "questions_from_messages",
+    "questions_from_prompt",
+    "single_turn_messages",
 ]

@@ -222,6 +222,23 @@ def test_collator_matches_what_the_processor_gives_at_inference(preprocessing, d
     assert torch.equal(batch["trim_input_ids"][0], inference["trim_input_ids"][0, :question_length])
 
 
+def test_collator_question_is_the_turn_that_carries_the_image(preprocessing, collator):
+    """The processor's rule: an image shown in a later turn is scored against that turn's text, not the first's."""
+    record = {
+        "image": Image.new("RGB", (40, 30), (0, 200, 0)),
+        "conversations": [
+            {"from": "human", "value": "Hello!"},
+            {"from": "gpt", "value": "Hi."},
+            {"from": "human", "value": "What colour is this?\n<image>"},
+            {"from": "gpt", "value": "Green."},
+        ],
+    }
+    question = preprocessing["clip_tokenizer"].decode(
+        collator([record])["trim_input_ids"][0], skip_special_tokens=True
+    )
+    assert question.replace(" ", "") == "whatcolouristhis?"
+
+
 def test_collator_errors_name_the_problem(preprocessing, collator):
     image = Image.new("RGB", (8, 8))
     no_marker = {"image": image, "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
@@ -231,7 +248,7 @@ def test_collator_errors_name_the_problem(preprocessing, collator):
     with pytest.raises(ValueError, match="no '<image>' token"):
         LlavaTrimDataCollator(plain, preprocessing["clip_tokenizer"], preprocessing["image_processor"])
     conversation = [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A long answer."}]
-    full = collator.encode_text(conversation)["input_ids"]
+    full = collator([{"image": image, "conversations": conversation}])["input_ids"][0].tolist()
     image_start = full.index(TINY_IMAGE_TOKEN_ID)
     image_end = image_start + IMAGE_SEQ_LENGTH
     for limit in (image_start, image_start + 100, image_end - 1):  # before, inside, one short of the image's end

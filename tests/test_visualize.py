@@ -1,11 +1,16 @@
 """Tests of `llava_trim.tools.visualize`: the picture marks exactly the patches TRIM keeps."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from llava_trim.tools.evaluate import build_prompt, load_model_and_processor
+from llava_trim.processing_llava_trim import single_turn_messages
+from llava_trim.tools.evaluate import load_model_and_processor
 from llava_trim.tools.tiny import tiny_model
 from llava_trim.tools.tiny_tokenizers import build_tiny_processor
 from llava_trim.tools.visualize import (
@@ -14,12 +19,12 @@ from llava_trim.tools.visualize import (
     draw_selection_strip,
     format_count,
     main,
-    mean_colour,
     model_view,
     pixel_values_to_image,
 )
 
 GRID, PATCH = 24, 14  # CLIP ViT-L/14 at 336 px
+PAD_COLOUR = (122, 116, 104)  # CLIP's mean colour in 0-255 (int(mean * 255)): LLaVA-1.5 pads with it
 
 
 def patch_palette() -> tuple[Image.Image, np.ndarray]:
@@ -58,7 +63,7 @@ def test_model_view_pads_with_the_mean_colour_and_resizes():
     view = model_view(image)
     assert view.size == (336, 336)
     pixels = np.asarray(view)
-    assert tuple(pixels[5, 168]) == mean_colour() == (122, 116, 104)
+    assert tuple(pixels[5, 168]) == PAD_COLOUR
     assert tuple(pixels[330, 168]) == (122, 116, 104)
     assert tuple(pixels[168, 5]) == (255, 0, 0)
 
@@ -91,9 +96,9 @@ def test_draw_kept_patches_pads_a_non_square_image():
     mask[0] = True  # top-left patch: padding
     mask[12] = True  # top row, middle: image
     centres = centre_pixels(draw_kept_patches(tall, mask, scale=1), 0, 336)
-    assert tuple(centres[0]) == mean_colour()
+    assert tuple(centres[0]) == PAD_COLOUR
     assert tuple(centres[12]) == (250, 250, 250)
-    assert np.all(np.abs(centres[1] - np.array(mean_colour()) * (1 - PRUNED_OPACITY)) <= 1)
+    assert np.all(np.abs(centres[1] - np.array(PAD_COLOUR) * (1 - PRUNED_OPACITY)) <= 1)
 
 
 def test_selection_strip_places_each_selection_side_by_side():
@@ -141,10 +146,12 @@ def drawn_photo(size=(300, 200)) -> Image.Image:
 def test_pixel_values_give_back_the_padded_view(model_dir):
     _, processor = load_model_and_processor(str(model_dir), device="cpu")
     image = drawn_photo()
-    inputs = processor(images=[image], text=[build_prompt(processor, "What is red?")], return_tensors="pt")
-    view = np.asarray(pixel_values_to_image(inputs["pixel_values"][0])).astype(int)
+    inputs = processor(images=[image], text=["<image>\nWhat is red?"], return_tensors="pt")
+    view = np.asarray(pixel_values_to_image(inputs["pixel_values"][0]))
     assert view.shape == (336, 336, 3)
-    assert np.abs(view - np.asarray(model_view(image)).astype(int)).mean() < 2
+    assert np.array_equal(view, np.asarray(model_view(image, processor.image_processor)))
+    assert np.array_equal(view, np.asarray(model_view(image)))  # LLaVA-1.5's image processor by default
+    assert np.array_equal(np.asarray(model_view(Image.fromarray(view))), view)  # the view is its own view
 
 
 def test_cli_marks_the_patches_the_model_keeps(model_dir, tmp_path, capsys):
@@ -163,7 +170,8 @@ def test_cli_marks_the_patches_the_model_keeps(model_dir, tmp_path, capsys):
 
     # what the model keeps, computed here directly
     model, processor = load_model_and_processor(str(model_dir), device="cpu")
-    inputs = processor(images=[Image.open(image_path)], text=[build_prompt(processor, question)], return_tensors="pt")
+    kwargs = {"add_generation_prompt": True, "tokenize": True, "return_dict": True, "return_tensors": "pt"}
+    inputs = processor.apply_chat_template(single_turn_messages(question, str(image_path)), **kwargs)
     view = np.asarray(pixel_values_to_image(inputs["pixel_values"][0])).astype(int)
     view_centres = centre_pixels(Image.fromarray(view.astype(np.uint8)), 0, 336)
 
@@ -189,3 +197,27 @@ def test_cli_single_ratio_and_bad_input(model_dir, tmp_path):
         main(["--model", str(model_dir), "--image", str(image_path), "--question", "q", "--ratios", "1.5"])
     with pytest.raises(SystemExit, match="no such file"):
         main(["--model", str(model_dir), "--image", str(tmp_path / "missing.png"), "--question", "q"])
+
+
+@pytest.mark.parametrize("problem", ["corrupt image", "missing model"])
+def test_cli_bad_input_is_one_line_without_traceback(model_dir, tmp_path, problem):
+    image_path = tmp_path / "photo.png"
+    model = str(model_dir)
+    if problem == "corrupt image":
+        image_path.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    else:
+        drawn_photo((40, 40)).save(image_path)
+        model = str(tmp_path / "no-such-model")
+    completed = subprocess.run(
+        [sys.executable, "-m", "llava_trim.tools.visualize", "--model", model, "--image", str(image_path)]
+        + ["--question", "q", "--output", str(tmp_path / "out.png"), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert completed.returncode != 0 and "Traceback" not in completed.stderr
+    message = completed.stderr.strip().splitlines()
+    assert len(message) == 1, completed.stderr
+    assert message[0].startswith("--image:" if problem == "corrupt image" else "--model:")
+    assert not (tmp_path / "out.png").exists()

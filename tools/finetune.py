@@ -27,16 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from ..configuration_llava_trim import check_trim_ratio
-from ..processing_llava_trim import LLAVA_V1_SYSTEM, VICUNA_V1_SYSTEM, expand_to_square, load_image
+from ..processing_llava_trim import (
+    LLAVA_V1_SYSTEM,
+    VICUNA_V1_CHAT_TEMPLATE,
+    VICUNA_V1_SYSTEM,
+    LlavaTrimProcessor,
+    load_image,
+)
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 
-_USER, _ASSISTANT = "USER", "ASSISTANT"
-_SEP, _SEP2 = " ", "</s>"  # after a user turn / after an assistant turn (Llama's end-of-sequence token)
-_ROLES = {"human": _USER, "user": _USER, "gpt": _ASSISTANT, "assistant": _ASSISTANT}
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 # Llama decoder projections that LoRA adapts; nothing in the vision tower or the CLIP text tower matches.
 LORA_TARGET_MODULES = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -59,14 +64,14 @@ QUANTIZATION_SKIP_MODULES = [
 
 @dataclass
 class VicunaPrompt:
-    """One conversation rendered with the vicuna_v1 template.
+    """One conversation rendered with the processor's vicuna_v1 chat template.
 
     Attributes:
         text (`str`): the whole prompt, answers included.
         answer_spans (`list[tuple[int, int]]`): character ranges `[start, end)` of `text` that are supervised: each
-            assistant answer followed by its closing `</s>`.
+            assistant answer followed by its closing `</s>` (the template's `{% generation %}` blocks).
         questions (`list[str]`): the text of every user turn, image placeholder removed, in order.
-        num_images (`int`): image placeholders in `text`.
+        num_images (`int`): image placeholders in the conversation's turns.
     """
 
     text: str
@@ -75,32 +80,31 @@ class VicunaPrompt:
     num_images: int
 
 
-def build_vicuna_v1_prompt(
+def conversation_to_messages(
     conversations: Sequence[dict[str, str]],
     system_prompt: str = VICUNA_V1_SYSTEM,
     image_placeholder: str = IMAGE_PLACEHOLDER,
-) -> VicunaPrompt:
-    """Render LLaVA conversation turns as LLaVA-1.5 trains on them (vicuna_v1, `SeparatorStyle.TWO`).
+    image: Any = None,
+) -> tuple[list[dict], int]:
+    """LLaVA conversation turns as chat messages for the processor's chat template, and the number of placeholders.
 
-    `"{system} USER: <image>\\n{question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT: {answer}</s>"`
-
-    As in LLaVA's preprocessing, a turn holding the image placeholder gets it moved to its start followed by a newline,
-    a leading assistant turn is dropped, and user and assistant turns must alternate.
+    As in LLaVA's preprocessing, a turn holding the image placeholder gets the image at its start (the template
+    writes `"<image>\\n"`), a leading assistant turn is dropped, and user and assistant turns must alternate. The
+    system sentence is a leading system message.
 
     Args:
         conversations (`Sequence[dict]`): turns `{"from": "human" | "gpt", "value": str}` (`"user"` and
             `"assistant"` are accepted too).
         system_prompt (`str`): the system sentence ([`VICUNA_V1_SYSTEM`] by default).
         image_placeholder (`str`): the image marker in the turns' text.
+        image (*optional*): the record's image, put in the image entry of the messages.
     """
     turns = list(conversations)
-    if turns and _ROLES.get(str(turns[0].get("from", "")).lower()) == _ASSISTANT:
+    if turns and _ROLES.get(str(turns[0].get("from", "")).lower()) == "assistant":
         turns = turns[1:]  # LLaVA skips a conversation's first turn when the assistant speaks first
     if not turns:
         raise ValueError("The conversation has no user turn: give at least one `human` turn and one `gpt` turn.")
-
-    text = system_prompt + _SEP
-    answer_spans, questions, num_images = [], [], 0
+    messages, num_images = [{"role": "system", "content": system_prompt}], 0
     for index, turn in enumerate(turns):
         speaker, value = turn.get("from"), turn.get("value")
         role = _ROLES.get(str(speaker).lower())
@@ -108,26 +112,40 @@ def build_vicuna_v1_prompt(
             raise ValueError(
                 f"Turn {index} is {turn!r}: every turn needs `from` ('human' or 'gpt') and a string `value`."
             )
-        expected = _USER if index % 2 == 0 else _ASSISTANT
+        expected = "user" if index % 2 == 0 else "assistant"
         if role != expected:
             raise ValueError(
-                f"Turn {index} is from {speaker!r} but a {'human' if expected == _USER else 'gpt'} turn was expected: "
-                "user and assistant turns must alternate, starting with the user."
+                f"Turn {index} is from {speaker!r} but a {'human' if expected == 'user' else 'gpt'} turn was "
+                "expected: user and assistant turns must alternate, starting with the user."
             )
-        if role == _USER:
-            if image_placeholder in value:
-                num_images += value.count(image_placeholder)
-                value = image_placeholder + "\n" + value.replace(image_placeholder, "").strip()
-            questions.append(value.replace(image_placeholder, "").strip())
-            text += f"{_USER}: {value}{_SEP}"
-        else:
-            text += f"{_ASSISTANT}: "
-            start = len(text)
-            text += value + _SEP2
-            answer_spans.append((start, len(text)))
-    if len(turns) % 2:  # a trailing user turn without an answer: nothing to learn from it, keep the prompt open
-        text += f"{_ASSISTANT}:"
-    return VicunaPrompt(text, answer_spans, questions, num_images)
+        content = [{"type": "text", "text": value}]
+        if role == "user" and image_placeholder in value:
+            num_images += value.count(image_placeholder)
+            entry = {"type": "image"} if image is None else {"type": "image", "image": image}
+            content = [entry, {"type": "text", "text": value.replace(image_placeholder, "").strip()}]
+        messages.append({"role": role, "content": content})
+    return messages, num_images
+
+
+def build_vicuna_v1_prompt(
+    conversations: Sequence[dict[str, str]],
+    system_prompt: str = VICUNA_V1_SYSTEM,
+    image_placeholder: str = IMAGE_PLACEHOLDER,
+) -> VicunaPrompt:
+    """Render LLaVA conversation turns as LLaVA-1.5 trains on them, with the processor's chat template.
+
+    `"{system} USER: <image>\\n{question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT: {answer}</s>"`; a
+    trailing user turn ends with `"ASSISTANT:"`. See [`conversation_to_messages`] for how turns become messages.
+    """
+    messages, num_images = conversation_to_messages(conversations, system_prompt, image_placeholder)
+    (text,), (spans,) = render_jinja_template(
+        [messages],
+        chat_template=VICUNA_V1_CHAT_TEMPLATE,
+        return_assistant_tokens_mask=True,
+        add_generation_prompt=messages[-1]["role"] == "user",
+    )
+    questions = [message["content"][-1]["text"].strip() for message in messages[1:] if message["role"] == "user"]
+    return VicunaPrompt(text, [tuple(span) for span in spans], questions, num_images)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -195,30 +213,30 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
 class LlavaTrimDataCollator:
     """Turn LLaVA conversation records into a training batch for `LlavaTrimForConditionalGeneration`.
 
-    Each record becomes the vicuna_v1 prompt of LLaVA-1.5, tokenised as the model's processor tokenises prompts at
-    inference (LLaVA's `tokenizer_image_token`), with:
+    Each record becomes chat messages ([`conversation_to_messages`]) that the model's processor renders with its
+    chat template and tokenises exactly as at inference (LLaVA's `tokenizer_image_token`), giving:
 
     - `input_ids` / `attention_mask` `(batch, length)`, right-padded: the image placeholder expanded to
       `image_seq_length` image tokens (the model compacts them to what TRIM keeps);
-    - `labels` `(batch, length)`: the token ids of every assistant answer and its closing `</s>`, `-100` elsewhere
-      (system prompt, user turns, role names, image tokens, padding), as LLaVA-1.5's `preprocess_v1`;
+    - `labels` `(batch, length)`: the token ids of every assistant answer and its closing `</s>` (the chat template's
+      `{% generation %}` blocks, through `return_assistant_tokens_mask`), `-100` elsewhere (system prompt, user
+      turns, role names, image tokens, padding), as LLaVA-1.5's `preprocess_v1`;
     - `pixel_values` `(num_images, 3, H, W)` for the rows with an image, in row order;
     - `trim_input_ids` / `trim_attention_mask` `(num_images, <=77)`: TRIM's question for each image, CLIP-tokenised.
 
-    TRIM's question is the text of the first user turn by default (`trim_question="first"`): in LLaVA's data the image
-    comes with that turn and the question asked about the image is there, and one selection serves all the answers of
-    the conversation, which are trained in a single pass. For single-turn records (most of LLaVA-1.5's mix) it is the
-    same question the processor uses at inference (the last user turn). `trim_question="last"` uses the last user turn.
+    TRIM's question follows the processor's rule (`trim_question="first"`, the default): the text of the user turn
+    that carries the image, which in LLaVA's data is the first user turn; one selection serves all the answers of the
+    conversation, as at inference over a chat. `trim_question="last"` uses the last user turn instead.
 
     Args:
         tokenizer: the Llama tokenizer (a fast tokenizer holding `image_token` as one token, like the converted
             checkpoints' tokenizer).
         clip_tokenizer: CLIP's tokenizer, for TRIM's question.
-        image_processor: CLIP's image processor.
+        image_processor: the image processor (LLaVA's, or CLIP's: the processor turns it into LLaVA's).
         image_token (`str`): the image placeholder, in the records and in the tokenizer.
         image_seq_length (`int`): image tokens per image (576 for CLIP ViT-L/14 at 336 px).
         system_prompt (`str`): the system sentence of the template.
-        trim_question (`str`): `"first"` or `"last"` user turn.
+        trim_question (`str`): `"first"` (the processor's rule) or `"last"` user turn.
         pad_to_square (`bool`): pad images to a square with the image mean colour first (LLaVA-1.5's default).
         max_length (`int`, *optional*): truncate longer sequences (image tokens counted); an image cut by the limit is
             an error.
@@ -242,16 +260,17 @@ class LlavaTrimDataCollator:
                 "The collator needs a fast (tokenizers-backed) Llama tokenizer to align labels with the prompt: load "
                 "it with `AutoTokenizer.from_pretrained(...)` (the default)."
             )
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
-            raise ValueError(
-                f"The tokenizer has no {self.image_token!r} token. Use the tokenizer saved with the converted model, "
-                f"or add it: `tokenizer.add_special_tokens({{'additional_special_tokens': [{self.image_token!r}]}})` "
-                "with the id `model.config.image_token_id`."
-            )
-        self.pad_token_id = self.tokenizer.pad_token_id
-        if self.pad_token_id is None:
-            self.pad_token_id = self.tokenizer.unk_token_id  # what LLaVA-1.5 pads with; the attention mask hides it
+        self.processor = self._build_processor()
+        self.image_token_id = self.processor.image_token_id
+
+    def _build_processor(self) -> LlavaTrimProcessor:
+        return LlavaTrimProcessor(
+            self.image_processor,
+            self.tokenizer,
+            self.clip_tokenizer,
+            image_token=self.image_token,
+            image_seq_length=self.image_seq_length,
+        )
 
     @classmethod
     def from_processor(cls, processor, **kwargs) -> "LlavaTrimDataCollator":
@@ -260,83 +279,48 @@ class LlavaTrimDataCollator:
         kwargs.setdefault("image_seq_length", getattr(processor, "image_seq_length", 576))
         return cls(processor.tokenizer, processor.clip_tokenizer, processor.image_processor, **kwargs)
 
-    def encode_text(self, conversations: Sequence[dict[str, str]]) -> dict[str, Any]:
-        """Token ids and labels of one conversation (image tokens expanded) and its TRIM question.
-
-        The text between image placeholders is tokenised piece by piece (the first piece with `<s>`), as LLaVA's
-        `tokenizer_image_token` and the model's processor do, so training sees the token ids inference sees.
-        """
-        prompt = build_vicuna_v1_prompt(conversations, self.system_prompt, self.image_token)
-        input_ids, labels = [], []
-        chunk_start = 0  # where the current piece starts in `prompt.text`
-        for index, chunk in enumerate(prompt.text.split(self.image_token)):
-            if index > 0:
-                input_ids += [self.image_token_id] * self.image_seq_length
-                labels += [IGNORE_INDEX] * self.image_seq_length
-                chunk_start += len(self.image_token)
-            encoding = self.tokenizer(chunk, add_special_tokens=index == 0, return_offsets_mapping=True)
-            for token_id, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True):
-                start, end = chunk_start + start, chunk_start + end
-                # a token is supervised when it covers answer characters (" The" after "ASSISTANT:" does)
-                supervised = end > start and any(start < stop and end > begin for begin, stop in prompt.answer_spans)
-                input_ids.append(token_id)
-                labels.append(token_id if supervised else IGNORE_INDEX)
-            chunk_start += len(chunk)
-
-        if self.max_length is not None and len(input_ids) > self.max_length:
-            if input_ids[: self.max_length].count(self.image_token_id) != input_ids.count(self.image_token_id):
-                raise ValueError(
-                    f"A conversation is {len(input_ids)} tokens long and `max_length={self.max_length}` cuts its "
-                    f"image ({self.image_seq_length} tokens): raise `max_length` or shorten the conversation."
-                )
-            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
-        num_images = input_ids.count(self.image_token_id) // self.image_seq_length
-        question = None
-        if num_images:
-            question = prompt.questions[0] if self.trim_question == "first" else prompt.questions[-1]
-        return {"input_ids": input_ids, "labels": labels, "num_images": num_images, "question": question}
-
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows, images, questions = [], [], []
+        if self.processor.image_seq_length != self.image_seq_length:  # set after construction (the model's value)
+            self.processor = self._build_processor()
+        chats, trim_text = [], []
         for example in examples:
-            encoded = self.encode_text(example["conversations"])
             has_image = example.get("image") is not None
-            if encoded["num_images"] != int(has_image):
-                raise ValueError(
-                    f"Record {example.get('id')!r} has {'an' if has_image else 'no'} image and "
-                    f"{encoded['num_images']} {self.image_token!r} placeholder(s) in its turns: a record with an "
-                    f"image needs exactly one {self.image_token!r} in a human turn, and one without an image none."
-                )
-            rows.append(encoded)
-            if has_image:
-                images.append(example["image"])
-                questions.append(encoded["question"])
-
-        length = max(len(row["input_ids"]) for row in rows)
-        batch_size = len(rows)
-        input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-        for row_index, row in enumerate(rows):  # right padding, for training
-            n = len(row["input_ids"])
-            input_ids[row_index, :n] = torch.tensor(row["input_ids"])
-            labels[row_index, :n] = torch.tensor(row["labels"])
-            attention_mask[row_index, :n] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-        if images:
-            images = [load_image(image) for image in images]
-            if self.pad_to_square:  # as the processor does at inference
-                background = tuple(int(255 * mean) for mean in self.image_processor.image_mean)
-                size = getattr(getattr(self.image_processor, "crop_size", None), "height", None) or 336
-                images = [expand_to_square(image, background, size) for image in images]
-            batch["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
-            clip_max_length = min(getattr(self.clip_tokenizer, "model_max_length", 77), 77)
-            trim = self.clip_tokenizer(
-                questions, padding=True, truncation=True, max_length=clip_max_length, return_tensors="pt"
+            messages, num_images = conversation_to_messages(
+                example["conversations"], self.system_prompt, self.image_token, example.get("image")
             )
-            batch["trim_input_ids"], batch["trim_attention_mask"] = trim["input_ids"], trim["attention_mask"]
-        return batch
+            if num_images != int(has_image):
+                raise ValueError(
+                    f"Record {example.get('id')!r} has {'an' if has_image else 'no'} image and {num_images} "
+                    f"{self.image_token!r} placeholder(s) in its turns: a record with an image needs exactly one "
+                    f"{self.image_token!r} in a human turn, and one without an image none."
+                )
+            chats.append(messages)
+            last_question = [m["content"][-1]["text"] for m in messages if m["role"] == "user"][-1].strip()
+            trim_text.append(last_question if self.trim_question == "last" and has_image else None)
+
+        batch = self.processor.apply_chat_template(
+            chats,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            return_tensors=None,  # lists: the assistant mask is read token by token
+            processor_kwargs={
+                "padding": True,
+                "padding_side": "right",  # for training
+                "truncation": self.max_length is not None,
+                "max_length": self.max_length,
+                "images_kwargs": {"do_pad": self.pad_to_square},
+                "trim_text": None if self.trim_question == "first" else trim_text,
+            },
+        )
+        batch = batch.convert_to_tensors("pt")
+        supervised = batch.pop("assistant_masks").bool()  # (batch, length)
+        batch["labels"] = batch["input_ids"].masked_fill(~supervised, IGNORE_INDEX)
+        if "trim_input_ids" in batch:  # CLIP rows padded to the batch's longest question, not to 77
+            width = int(batch["trim_attention_mask"].sum(dim=1).max())
+            batch["trim_input_ids"] = batch["trim_input_ids"][:, :width]
+            batch["trim_attention_mask"] = batch["trim_attention_mask"][:, :width]
+        return dict(batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -579,6 +563,7 @@ __all__ = [
     "build_parser",
     "build_vicuna_v1_prompt",
     "configure_trainable_parameters",
+    "conversation_to_messages",
     "load_preprocessing",
     "main",
     "save_finetuned",

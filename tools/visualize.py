@@ -29,10 +29,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-# `openai/clip-vit-large-patch14-336`: the colour LLaVA pads with is the image processor's mean, in 0-255.
+from ..processing_llava_trim import llava_image_processor, load_image, single_turn_messages
+from .tiny_tokenizers import build_clip_image_processor
+
+# `openai/clip-vit-large-patch14-336`'s normalisation.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MODEL_IMAGE_SIZE = 336
 
 # Pruned patches are blended towards `PRUNED_SHADE` with this opacity; kept patches keep their pixels.
 PRUNED_SHADE = (0, 0, 0)
@@ -47,31 +49,23 @@ TEXT_COLOUR = (20, 20, 20)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def mean_colour(image_mean: Sequence[float] = CLIP_MEAN) -> tuple[int, int, int]:
-    """The padding colour of LLaVA-1.5 (`image_aspect_ratio="pad"`): the image processor's mean in 0-255."""
-    return tuple(int(channel * 255) for channel in image_mean)
+def default_image_processor():
+    """transformers' LLaVA image processor with `openai/clip-vit-large-patch14-336`'s settings (LLaVA-1.5's)."""
+    return llava_image_processor(build_clip_image_processor())
 
 
-def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
-    """Pad `image` to a `max(width, height)` square of colour `fill`, the image centred (LLaVA's `expand2square`)."""
-    image = image.convert("RGB")
-    width, height = image.size
-    if width == height:
-        return image.copy()
-    side = max(width, height)
-    canvas = Image.new("RGB", (side, side), fill)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
+def model_view(image, image_processor=None) -> Image.Image:
+    """
+    `image` as the vision tower receives it: decoded as the processor decodes images, then the image processor's
+    pad to a square of the mean colour, resize to 336 x 336 and normalisation, undone by [`pixel_values_to_image`].
 
-
-def model_view(
-    image: Image.Image, size: int = MODEL_IMAGE_SIZE, image_mean: Sequence[float] = CLIP_MEAN
-) -> Image.Image:
-    """`image` padded to a square with the mean colour, resized to `size` x `size` (bicubic): LLaVA-1.5's view."""
-    square = pad_to_square(image, mean_colour(image_mean))
-    if square.size != (size, size):
-        square = square.resize((size, size), Image.Resampling.BICUBIC)
-    return square
+    Args:
+        image: any image the processor accepts (PIL image, array, tensor, path, ...).
+        image_processor (*optional*): the model's (`processor.image_processor`); LLaVA-1.5's by default.
+    """
+    image_processor = image_processor if image_processor is not None else default_image_processor()
+    pixel_values = image_processor(load_image(image), return_tensors="pt")["pixel_values"][0]  # (3, 336, 336)
+    return pixel_values_to_image(pixel_values, image_processor.image_mean, image_processor.image_std)
 
 
 def pixel_values_to_image(
@@ -197,14 +191,15 @@ def draw_kept_patches(
     question: str | None = None,
     label: str | None = None,
     scale: int = 2,
-    image_mean: Sequence[float] = CLIP_MEAN,
+    image_processor=None,
     font_size: int | None = None,
 ) -> Image.Image:
     """
     Draw one image's TRIM selection over the image as the model saw it.
 
-    The image is padded to a square with the mean colour and resized to 336 x 336 (a no-op for an image that already
-    is, such as [`pixel_values_to_image`]'s), then enlarged `scale` times. Patch `i` of the `grid x grid` patch grid
+    The image goes through [`model_view`] (padded to a square of the mean colour, resized to 336 x 336; an image
+    that already is the model's view, such as [`pixel_values_to_image`]'s, comes back unchanged), then is enlarged
+    `scale` times. Patch `i` of the `grid x grid` patch grid
     (24 x 24 for 576 patches) sits at row `i // grid`, column `i % grid`. Kept patches keep their pixels and the kept
     region is outlined; pruned patches are blended towards black (opacity `PRUNED_OPACITY`). Below the image: `label`
     (e.g. "TRIM auto"), the count ("121 / 576 kept") and `question`.
@@ -215,7 +210,7 @@ def draw_kept_patches(
         question (`str`, *optional*): The question TRIM scored the patches against.
         label (`str`, *optional*): A title for the selection, e.g. the mode.
         scale (`int`, *optional*, defaults to 2): Integer enlargement of the 336-pixel view.
-        image_mean (`Sequence[float]`, *optional*): The image processor's mean (the padding colour), CLIP's by default.
+        image_processor (*optional*): The model's image processor ([`model_view`]); LLaVA-1.5's by default.
         font_size (`int`, *optional*): Caption font size in pixels; defaults to 6 + 5 x `scale`.
 
     Returns:
@@ -224,7 +219,7 @@ def draw_kept_patches(
     keep, grid = _as_keep_row(keep_mask)
     if not isinstance(scale, int) or scale < 1:
         raise ValueError(f"`scale` must be a positive integer, got {scale!r}.")
-    panel = _draw_panel(model_view(image, MODEL_IMAGE_SIZE, image_mean), keep, grid, scale)
+    panel = _draw_panel(model_view(image, image_processor), keep, grid, scale)
     font_size = font_size or 6 + 5 * scale
     lines = []
     count = format_count(int(keep.sum()), keep.shape[0])
@@ -241,7 +236,7 @@ def draw_selection_strip(
     question: str | None = None,
     scale: int = 1,
     gap: int = 8,
-    image_mean: Sequence[float] = CLIP_MEAN,
+    image_processor=None,
     font_size: int | None = None,
 ) -> Image.Image:
     """
@@ -255,7 +250,7 @@ def draw_selection_strip(
         keep_masks (sequence of `torch.BoolTensor` of shape `(num_patches,)`): One keep mask per panel.
         labels (sequence of `str`, *optional*): One title per panel.
         question (`str`, *optional*): Shown once, under the panels.
-        scale, image_mean, font_size: See [`draw_kept_patches`].
+        scale, image_processor, font_size: See [`draw_kept_patches`].
         gap (`int`, *optional*, defaults to 8): Pixels between panels.
 
     Returns:
@@ -272,7 +267,7 @@ def draw_selection_strip(
             mask,
             label=labels[k] if labels else None,
             scale=scale,
-            image_mean=image_mean,
+            image_processor=image_processor,
             font_size=font_size,
         )
         for k, mask in enumerate(keep_masks)
@@ -317,16 +312,11 @@ def select_for_ratios(
         `(view, keep_masks)`: the image exactly as the vision tower received it (from `pixel_values`) and, per mode,
         the `(num_patches,)` keep mask (`None` mode: everything kept).
     """
-    from .evaluate import build_prompt
-
-    inputs = processor(
-        images=[image], text=[build_prompt(processor, question)], trim_text=trim_text, return_tensors="pt"
-    )
+    kwargs = {"add_generation_prompt": True, "tokenize": True, "return_dict": True, "return_tensors": "pt"}
+    inputs = processor.apply_chat_template(single_turn_messages(question, image), trim_text=trim_text, **kwargs)
     inputs = inputs.to(model.device)
     image_processor = processor.image_processor
-    view = pixel_values_to_image(
-        inputs["pixel_values"][0], getattr(image_processor, "image_mean", CLIP_MEAN), image_processor.image_std
-    )
+    view = pixel_values_to_image(inputs["pixel_values"][0], image_processor.image_mean, image_processor.image_std)
     keep_masks = []
     for trim_ratio in trim_ratios:
         selection = model.select_image_tokens(**inputs, trim_ratio=trim_ratio)
@@ -368,18 +358,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     image_path = Path(args.image)
     if not image_path.is_file():
         raise SystemExit(f"--image: no such file: {image_path}")
-    with Image.open(image_path) as opened:
-        image = opened.convert("RGB")
+    try:
+        image = load_image(str(image_path))
+    except ValueError as error:
+        raise SystemExit(f"--image: {error}") from None
 
-    model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
+    if args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().is_dir():
+        raise SystemExit(f"--model: no such folder: {args.model} (pass a converted LLaVA-TRIM folder or a Hub id)")
+    try:
+        model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(f"--model: could not load {args.model!r}: {reason}") from None
     view, keep_masks = select_for_ratios(model, processor, image, args.question, trim_ratios, args.trim_text)
     labels = [setting_label(trim_ratio) for trim_ratio in trim_ratios]
     if len(keep_masks) == 1:
         picture = draw_kept_patches(
-            view, keep_masks[0], question=args.question, label=labels[0], scale=args.scale or 2
+            view, keep_masks[0], args.question, labels[0], args.scale or 2, processor.image_processor
         )
     else:
-        picture = draw_selection_strip(view, keep_masks, labels, question=args.question, scale=args.scale or 1)
+        picture = draw_selection_strip(
+            view, keep_masks, labels, args.question, args.scale or 1, image_processor=processor.image_processor
+        )
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -391,10 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = [
+    "default_image_processor",
     "draw_kept_patches",
     "draw_selection_strip",
     "model_view",
-    "pad_to_square",
     "pixel_values_to_image",
     "select_for_ratios",
 ]
