@@ -118,13 +118,10 @@ def read_image(path: str | Path | None) -> Image.Image:
             opened.load()
             return opened.copy()
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise gr.Error(unreadable_image_message(path, error)) from None
-
-
-def unreadable_image_message(path: str | Path | None, error: Exception) -> str:
-    name = f"'{Path(path).name}'" if path else "the upload"
-    reason = "too large" if isinstance(error, Image.DecompressionBombError) else "not a picture Pillow can read"
-    return f"Could not open {name} as an image ({reason}). Upload a PNG, JPEG, WebP or GIF picture."
+        reason = "too large" if isinstance(error, Image.DecompressionBombError) else "not a picture Pillow can read"
+        raise gr.Error(
+            f"Could not open '{Path(path).name}' as an image ({reason}). Upload a PNG, JPEG, WebP or GIF picture."
+        ) from None
 
 
 def user_turn(question: str, image: Image.Image | None) -> dict:
@@ -236,16 +233,17 @@ class TrimChat:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class ImageUpload(gr.Image):
-    """`gr.Image` whose unreadable uploads become a message in the page instead of an error without explanation."""
+def uploaded_path(payload) -> str | None:
+    """The server-side file of an image input left unprocessed (events with `preprocess=False`), or `None`.
 
-    is_template = True  # rendered by the frontend of `gr.Image`
-
-    def preprocess(self, payload):
-        try:
-            return super().preprocess(payload)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            raise gr.Error(unreadable_image_message(getattr(payload, "orig_name", None), error)) from None
+    The page reads uploads itself (`read_image`) so that a file that is not a picture becomes a message, where Gradio's
+    own preprocessing would fail without one.
+    """
+    if payload is None:
+        return None
+    if isinstance(payload, dict):
+        return payload.get("path")
+    return getattr(payload, "path", None)
 
 
 def draw_examples(folder: Path) -> list[list[str]]:
@@ -288,22 +286,34 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
     """The Gradio page and its `answer` endpoint, on an already loaded model."""
     examples_folder = examples_folder or Path(tempfile.mkdtemp(prefix="llava-trim-app-examples-"))
 
-    def respond(image_path, question, choice, ratio, messages, conversation_image):
-        """One chat turn: select, draw, then stream the answer. A new image starts a new conversation."""
+    def start_turn(image_upload, question, choice, ratio, messages, conversation_image):
+        """The chat with the new question, and its prepared reply; `gr.Error` for what the user must fix."""
+        image_path = uploaded_path(image_upload)
         question = (question or "").strip()
         if not question:
             raise gr.Error("Type a question about the image first.")
-        trim_ratio = parse_mode(mode_from_controls(choice, ratio))
         if image_path is None:
             raise gr.Error("Upload an image (or pick an example) first.")
+        trim_ratio = parse_mode(mode_from_controls(choice, ratio))
         new_image = image_path != conversation_image or not messages
         image = read_image(image_path) if new_image else None
         history = [] if new_image else list(messages)
         history.append(user_turn(question, image))
         try:
-            reply = chat.prepare(history, trim_ratio)
+            return image_path, history, chat.prepare(history, trim_ratio)
         except ValueError as error:  # e.g. a prompt longer than the model accepts
             raise gr.Error(str(error)) from None
+
+    def respond(image_upload, question, choice, ratio, messages, conversation_image):
+        """One chat turn: select, draw, then stream the answer. A new image starts a new conversation."""
+        try:
+            image_path, history, reply = start_turn(
+                image_upload, question, choice, ratio, messages, conversation_image
+            )
+        except gr.Error as error:  # a message in the page; the chat and the outputs stay as they were
+            gr.Warning(error.message)
+            yield (gr.skip(),) * 6
+            return
 
         answer = ""
         shown = chat_display(history)
@@ -319,7 +329,8 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
         while prompt and prompt[-1]["role"] != "user":
             prompt.pop()
         if not prompt:
-            raise gr.Error("Ask a question first: the prefill is timed on its prompt.")
+            gr.Warning("Ask a question first: the prefill is timed on its prompt.")
+            return gr.skip()
         trim_ratio = parse_mode(mode_from_controls(choice, ratio))
         inputs = chat.prepare(prompt, trim_ratio).inputs
         device = chat.model.device.type
@@ -338,8 +349,9 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
             f"TRIM takes **{trim_ms / off_ms:.2f}x** the time of TRIM off."
         )
 
-    def answer(image_path: str, question: str, mode: str):
+    def answer(image_upload, question: str, mode: str):
         """One question about one image: (answer text, heatmap, number of kept patches)."""
+        image_path = uploaded_path(image_upload)
         question = (question or "").strip()
         if not question:
             raise gr.Error("The question is empty: pass a question about the image.")
@@ -372,12 +384,14 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
         )
         with gr.Row(equal_height=False):
             with gr.Column(scale=4):
-                image = ImageUpload(type="filepath", label="Image", height=300, elem_id="image")
+                image = gr.Image(
+                    type="filepath", sources=["upload", "clipboard"], label="Image", height=280, elem_id="image"
+                )
                 choice = gr.Radio([MODE_AUTO, MODE_RATIO, MODE_OFF], value=MODE_AUTO, label="TRIM", elem_id="mode")
                 ratio = gr.Slider(0.01, 1.0, value=0.25, step=0.01, label="Keep ratio (with 'Keep ratio')")
                 gr.Examples(draw_examples(examples_folder), inputs=[image, question], label="Examples")
             with gr.Column(scale=5):
-                chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chat", feedback_options=None)
+                chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chat", feedback_options=None)
                 question.render()
                 with gr.Row():
                     send = gr.Button("Ask", variant="primary", elem_id="ask")
@@ -388,7 +402,7 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
                     type="pil",
                     format="png",
                     interactive=False,
-                    height=420,
+                    height=380,
                     elem_id="heatmap",
                 )
                 kept = gr.Textbox(label="Image tokens TRIM kept", interactive=False, elem_id="kept-count")
@@ -398,7 +412,14 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
         turn_outputs = [chatbot, messages, conversation_image, heatmap, kept, question]
         turn_inputs = [image, question, choice, ratio, messages, conversation_image]
         for trigger in (send.click, question.submit):
-            trigger(respond, turn_inputs, turn_outputs, concurrency_id="model", api_visibility="private")
+            trigger(
+                respond,
+                turn_inputs,
+                turn_outputs,
+                preprocess=False,  # `respond` reads the upload itself
+                concurrency_id="model",
+                api_visibility="private",
+            )
         reset.click(
             clear,
             None,
@@ -410,7 +431,7 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
 
         # the programmatic endpoint: the same model, one question, no chat state
         with gr.Column(visible=False):
-            api_image = ImageUpload(type="filepath", label="image")
+            api_image = gr.Image(type="filepath", label="image")
             api_question = gr.Textbox(label="question")
             api_mode = gr.Textbox(label="mode", value="auto")
             api_answer = gr.Textbox(label="answer")
@@ -422,6 +443,7 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
             [api_image, api_question, api_mode],
             [api_answer, api_heatmap, api_kept],
             api_name="answer",
+            preprocess=False,  # `answer` reads the upload itself
             concurrency_id="model",
         )
     return demo
