@@ -223,6 +223,20 @@ def test_answer_endpoint_through_gradio_client(server, loaded, picture, mode, tr
         assert heatmap.height > 672
 
 
+def test_concurrent_requests_queue_and_all_get_their_answer(server, loaded, picture):
+    """Gradio's queue runs one request on the model at a time; each caller still gets its own result."""
+    from gradio_client import Client, handle_file
+
+    modes = ["auto", "0.25", "off", "0.5"]
+    jobs = [
+        Client(server, verbose=False).submit(handle_file(str(picture)), QUESTION, mode, api_name="/answer")
+        for mode in modes
+    ]
+    for mode, job in zip(modes, jobs, strict=True):
+        text, _, kept = job.result(timeout=120)
+        assert (kept, text) == reference(loaded, picture, QUESTION, trim_app.parse_mode(mode))
+
+
 def test_answer_endpoint_reports_bad_input_as_messages(server, picture, tmp_path):
     from gradio_client import Client, handle_file
 
