@@ -11,6 +11,7 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queue
 from llava_trim.tools import app as trim_app  # noqa: E402
 from llava_trim.tools.tiny import tiny_model  # noqa: E402
 from llava_trim.tools.tiny_tokenizers import build_tiny_processor  # noqa: E402
+from llava_trim.tools.visualize import draw_kept_patches, pixel_values_to_image  # noqa: E402
 
 QUESTION = "What is the colour of the ball?"
 MAX_NEW_TOKENS = 8
@@ -218,9 +220,20 @@ def test_answer_endpoint_through_gradio_client(server, loaded, picture, mode, tr
     expected_kept, expected_answer = reference(loaded, picture, QUESTION, trim_ratio)
     assert kept == expected_kept
     assert text == expected_answer
+    # the heatmap is draw_kept_patches of the model's own selection, pixel for pixel
+    model, processor = loaded
+    messages = [trim_app.user_turn(QUESTION, Image.open(picture).convert("RGB"))]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    selection = model.select_image_tokens(**inputs, trim_ratio=trim_ratio)
+    view = pixel_values_to_image(inputs["pixel_values"][0])
+    expected = draw_kept_patches(
+        view, selection.keep_mask[0], question=QUESTION, label=trim_app.mode_label(trim_ratio)
+    )
     with Image.open(heatmap_path) as heatmap:
-        assert heatmap.width == 672  # draw_kept_patches: the 336-pixel view, twice enlarged, the caption below
-        assert heatmap.height > 672
+        assert heatmap.width == 672  # the 336-pixel view, twice enlarged, the caption below
+        assert np.array_equal(np.asarray(heatmap.convert("RGB")), np.asarray(expected))
 
 
 def test_concurrent_requests_queue_and_all_get_their_answer(server, loaded, picture):
@@ -365,3 +378,10 @@ def test_page_in_headless_chromium(server, loaded, picture, tmp_path):
             shutil.copyfile(screenshot, target)
     finally:
         driver.quit()
+
+
+def test_command_line_refuses_a_model_it_cannot_load(tmp_path):
+    with pytest.raises(SystemExit, match="could not load a converted LLaVA-TRIM model"):
+        trim_app.main(["--model", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="--max-new-tokens must be at least 1"):
+        trim_app.main(["--model", str(tmp_path), "--max-new-tokens", "0"])

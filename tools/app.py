@@ -476,7 +476,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.max_new_tokens < 1:
         raise SystemExit(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
-    model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
+    try:
+        model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
+    except OSError as error:  # not a folder, not on the Hub, or offline
+        raise SystemExit(
+            f"--model {args.model}: could not load a converted LLaVA-TRIM model ({error}). Pass the folder written by "
+            "convert_checkpoint.py or its Hub repository id."
+        ) from None
     title = args.title or f"LLaVA-TRIM: {Path(args.model.rstrip('/')).name}"
     demo = build_app(TrimChat(model, processor, max_new_tokens=args.max_new_tokens), title=title)
     launch(demo, args.host, args.port)
