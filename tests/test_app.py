@@ -294,6 +294,7 @@ def test_page_in_headless_chromium(server, loaded, picture, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
@@ -354,16 +355,19 @@ def test_page_in_headless_chromium(server, loaded, picture, tmp_path):
         assert heatmap.size["width"] > 100 and heatmap.size["height"] > 100
         assert QUESTION in css("#chat").text
 
-        # a follow-up with a keep ratio of 0.25 (the slider's default): the chat grows, TRIM keeps 144 patches
-        css("#mode [data-testid='Keep ratio-radio-label']").click()
+        # a follow-up with a keep ratio of 0.5 typed into the slider (which picks "Keep ratio"): TRIM keeps 288
+        ratio_box = css("#ratio input[type=number]")
+        ratio_box.clear()
+        ratio_box.send_keys("0.5", Keys.TAB)
+        wait.until(lambda d: "selected" in css("#mode [data-testid='Keep ratio-radio-label']").get_attribute("class"))
         ask("Is it round?")
-        wait.until(lambda d: len(answers(d)) == 2 and kept_text(d) == "144 / 576 kept")
+        wait.until(lambda d: len(answers(d)) == 2 and kept_text(d) == "288 / 576 kept")
 
         # the prefill time, measured on request, for the chosen mode and for TRIM off
         css("#measure").click()
         wait.until(lambda d: "TRIM off" in d.find_element(By.CSS_SELECTOR, "#prefill").text)
         prefill = css("#prefill").text
-        assert "TRIM 25%" in prefill and "ms" in prefill
+        assert "TRIM 50%" in prefill and "ms" in prefill
         assert not messages_shown(driver)
         assert "Traceback" not in css("body").text
 

@@ -388,7 +388,9 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
                     type="filepath", sources=["upload", "clipboard"], label="Image", height=280, elem_id="image"
                 )
                 choice = gr.Radio([MODE_AUTO, MODE_RATIO, MODE_OFF], value=MODE_AUTO, label="TRIM", elem_id="mode")
-                ratio = gr.Slider(0.01, 1.0, value=0.25, step=0.01, label="Keep ratio (with 'Keep ratio')")
+                ratio = gr.Slider(
+                    0.01, 1.0, value=0.25, step=0.01, label="Keep ratio (with 'Keep ratio')", elem_id="ratio"
+                )
                 gr.Examples(draw_examples(examples_folder), inputs=[image, question], label="Examples")
             with gr.Column(scale=5):
                 chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chat", feedback_options=None)
@@ -420,6 +422,8 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
                 concurrency_id="model",
                 api_visibility="private",
             )
+        # moving the slider means "keep this ratio"
+        ratio.input(lambda _: MODE_RATIO, ratio, choice, queue=False, api_visibility="private")
         reset.click(
             clear,
             None,
