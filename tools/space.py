@@ -78,9 +78,10 @@ The TRIM mode is `"auto"`, `"off"` or a keep ratio such as `"0.25"`.
 
 
 def runtime_requirements() -> list[str]:
-    """This package's install requirements (no extras): what the model code and the app need besides Gradio."""
+    """The package's install requirements (no extras) plus numpy: all the page needs besides Gradio."""
     requirements = importlib.metadata.requires("llava-trim") or []
-    return [requirement for requirement in requirements if "extra ==" not in requirement]
+    requirements = [requirement for requirement in requirements if "extra ==" not in requirement]
+    return requirements + ["numpy"]  # the heatmap drawing uses it directly
 
 
 def check_model_id(model: str) -> None:
