@@ -1,4 +1,5 @@
-# Quick start: `make demo` (convert a tiny offline checkpoint and run the pipeline), `make test` (the test suite).
+# Quick start: `make demo` (convert a tiny offline checkpoint and run the pipeline), `make test` (the test suite),
+# `make app` (the Gradio page on the demo's tiny model, http://127.0.0.1:7860; `make app PORT=8000` for another port).
 # A fresh machine needs only Python 3.10+: the first target run creates $(VENV) and installs everything.
 # TORCH picks the PyTorch build: the default is a CPU wheel; use e.g. `make demo TORCH=torch` for your CUDA build.
 
@@ -9,7 +10,10 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint
+DEMO_MODEL := demo-output/llava-v1.5-7b-trim
+PORT ?= 7860
+
+.PHONY: install demo test lint app
 
 install: $(VENV)/.installed
 
@@ -24,6 +28,17 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/python -m llava_trim.tools.demo
+
+app: install $(VENV)/.installed-app $(DEMO_MODEL)/config.json
+	$(BIN)/python -m llava_trim.tools.app --model $(DEMO_MODEL) --port $(PORT)
+
+$(VENV)/.installed-app: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[app]"
+	touch $@
+
+$(DEMO_MODEL)/config.json: | install
+	rm -rf demo-output
+	$(BIN)/python -m llava_trim.tools.demo --keep demo-output
 
 test: install
 	$(BIN)/python -m pytest -q
