@@ -181,10 +181,6 @@ def test_chat_keeps_history(loaded, picture):
     assert QUESTION in prompt and "Is it round?" in prompt and answer.strip() in prompt
 
 
-@pytest.mark.xfail(
-    reason="needs the processor's multi-turn rule (an image is scored against the user turn that carries it)",
-    strict=False,
-)
 def test_follow_up_keeps_the_image_selection(loaded, picture):
     """A follow-up question reuses the image's question (the turn that carries it): same selection, same heatmap."""
     _, reply, _, follow_up, second = two_turn_chat(loaded, picture)
