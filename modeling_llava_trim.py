@@ -281,9 +281,9 @@ class TrimmedInputs:
 
 @dataclass
 class TrimCacheRecord:
-    """Kept on a cache built from images: the compacted prompt and the selection its image positions came from."""
+    """Kept on a cache built from images: the compacted tokens it holds and the selection its images came from."""
 
-    input_ids: torch.LongTensor  # (batch, prompt_length), compacted
+    input_ids: torch.LongTensor  # (batch, length), compacted prompt, followed by the generated tokens after `generate`
     keep_mask: torch.Tensor  # (num_images, N)
     trim_ratio: float | None
 
@@ -912,7 +912,10 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
             kwargs["position_ids"] = sequence.position_ids
         cache = kwargs.get("cache")
         if cache is not None and cache.get_seq_length() > 0:
-            image_outputs = _features_after_cache(cache, trimmed, self.config.image_token_id)
+            reused = _reusable_cache_length(cache, sequence.input_ids)
+            if reused > 0:
+                image_outputs = _features_after_cache(cache, trimmed, self.config.image_token_id, reused)
+            _crop_cache(cache, reused)
         generation_config = _lengths_in_compacted_prompt(
             self, generation_config, kwargs, sequence.input_ids.shape[1] - input_ids.shape[1]
         )
@@ -928,12 +931,12 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
         )
 
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        for used_cache in (cache, getattr(outputs, "cache", None)):
+            if used_cache is not None:
+                _record_selection(used_cache, trimmed, sequences)
         new_tokens = sequences[:, sequence.input_ids.shape[1] :]
         prompts = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
         sequences = torch.cat([prompts, new_tokens.to(prompts.device)], dim=1)
-        for used_cache in (cache, getattr(outputs, "cache", None)):
-            if used_cache is not None:
-                _record_selection(used_cache, trimmed)
         if isinstance(outputs, torch.Tensor):
             return sequences
         outputs.sequences = sequences
@@ -967,16 +970,53 @@ def _lengths_in_compacted_prompt(
     return config
 
 
-def _record_selection(cache: Cache, trimmed: TrimmedInputs) -> None:
-    """Note on the cache which selection its image positions come from, so that a continuation can check it."""
-    cache.llava_trim_record = TrimCacheRecord(
-        trimmed.sequence.input_ids, trimmed.selection.keep_mask, trimmed.selection.trim_ratio
-    )
+def _record_selection(cache: Cache, trimmed: TrimmedInputs, sequences: torch.LongTensor | None = None) -> None:
+    """Note on the cache the tokens it holds and the selection its images come from, for a continuation to check.
+
+    `sequences` (compacted prompt + generated tokens) replace the prompt when they are one row per prompt; with
+    several rows per prompt (beams, `num_return_sequences`) only the prompt is recorded.
+    """
+    token_ids = trimmed.sequence.input_ids
+    if sequences is not None and sequences.shape[0] == token_ids.shape[0]:
+        token_ids = sequences
+    cache.llava_trim_record = TrimCacheRecord(token_ids, trimmed.selection.keep_mask, trimmed.selection.trim_ratio)
 
 
-def _features_after_cache(cache: Cache, trimmed: TrimmedInputs, image_token_id: int) -> LlavaTrimImageOutput:
-    """Continue from a cache: check it was built from this selection and keep the features of uncached images only."""
+def _reusable_cache_length(cache: Cache, input_ids: torch.LongTensor) -> int:
+    """How many of the tokens a cache holds the new compacted prompt repeats, and so may be reused.
+
+    A chat re-rendered from decoded text need not give back the tokens the cache holds (an answer cut inside a
+    multi-byte character, a tokenizer that merges differently, new left padding in a batch): the positions from the
+    first differing token on are recomputed instead of reused. The prompt's last token is always computed.
+    """
     past_length = cache.get_seq_length()
+    record = getattr(cache, "llava_trim_record", None)
+    if record is None or record.input_ids.shape[0] != input_ids.shape[0]:
+        return past_length
+    length = min(past_length, record.input_ids.shape[1], input_ids.shape[1] - 1)
+    differs = (record.input_ids[:, :length].to(input_ids.device) != input_ids[:, :length]).any(dim=0)  # (length,)
+    return int(differs.long().argmax()) if differs.any() else length
+
+
+def _crop_cache(cache: Cache, length: int) -> None:
+    """Keep the first `length` positions of `cache`."""
+    past_length = cache.get_seq_length()
+    if length >= past_length:
+        return
+    try:
+        cache.crop(length - past_length)  # transformers' crop takes the (negative) number of tokens to remove
+    except (AttributeError, NotImplementedError, RuntimeError, ValueError) as error:
+        raise ValueError(
+            f"The prompt repeats only the first {length} of the {past_length} tokens the cache holds, and this "
+            f"cache ({type(cache).__name__}) cannot be cropped: start without the cache or pass a DynamicCache."
+        ) from error
+
+
+def _features_after_cache(
+    cache: Cache, trimmed: TrimmedInputs, image_token_id: int, past_length: int
+) -> LlavaTrimImageOutput:
+    """Continue from the first `past_length` positions of a cache: check they were built from this selection and keep
+    the features of the images after them only."""
     selection = trimmed.selection
     columns = (trimmed.sequence.input_ids == image_token_id).nonzero()[:, 1]  # row after row: pixel_values order
     image_of = torch.arange(len(selection.keep_mask), device=columns.device).repeat_interleave(

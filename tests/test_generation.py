@@ -5,18 +5,20 @@ wrote: native transformers `LlavaForConditionalGeneration` on the same weights (
 the prompt compacted by hand, with the kept image features built by hand (TRIM on; see docs/trim.md).
 """
 
+import copy
 import functools
 import logging
 
 import pytest
 import torch
+from PIL import Image
 from test_modeling_llava_trim import PAD, batch, questions
 from transformers import DynamicCache, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from llava_trim.tools.tiny import TINY_IMAGE_TOKEN_ID, TINY_VISION, native_llava, tiny_model
-from llava_trim.tools.tiny_tokenizers import build_llama_tokenizer
+from llava_trim.tools.tiny_tokenizers import build_llama_tokenizer, build_tiny_processor
 
 MODES = {"off": None, "auto": -1, "fixed": 0.25}
 SIZE, S = 112, 64  # a smaller image than LLaVA's (8 x 8 patches) keeps the matrix fast; the code paths are the same
@@ -365,3 +367,43 @@ def test_threads_sharing_the_model_keep_their_own_ratio(model, one):
     assert len(results) == 9
     for (mode, _), sequences in results.items():
         assert torch.equal(sequences, expected[mode]), mode
+
+
+def test_cache_holding_other_tokens_than_the_prompt_is_cropped_to_what_they_share(model, first_turn):
+    """A re-rendered chat that does not repeat the cached answer token for token recomputes from the first change."""
+    out, turn2 = first_turn
+    edited = turn2["input_ids"].clone()
+    answer_start = edited.shape[1] - 3 - 2  # first_turn: 2 generated tokens (the first one cached), 3 of the next turn
+    edited[0, answer_start] = (edited[0, answer_start] + 1) % 1000
+    inputs = {**turn2, "input_ids": edited, "trim_ratio": 0.25, "max_new_tokens": 3}
+    cache, crops = copy.deepcopy(out.cache), []
+    crop = cache.crop
+    cache.crop = lambda tokens_to_remove: (crops.append(tokens_to_remove), crop(tokens_to_remove))
+    continued = model.generate(**inputs, past_key_values=cache)
+    assert crops == [-1]  # the edited first answer token is recomputed, the prompt before it reused
+    assert torch.equal(continued, model.generate(**inputs))
+
+
+def test_chat_through_the_processor_continues_from_the_cache():
+    """The README's chat loop: each turn continued from the previous turn's cache equals a fresh run of the chat."""
+    model, processor = tiny_model(seed=0), build_tiny_processor()  # LLaVA's 336 px images, as the processor makes
+    image, second_image = Image.new("RGB", (200, 120), (200, 40, 40)), Image.new("RGB", (90, 160), (20, 90, 200))
+    turns = [
+        [{"type": "image", "image": image}, {"type": "text", "text": "What is the colour of the bus?"}],
+        [{"type": "text", "text": "Where is it going?"}],
+        [{"type": "image", "image": second_image}, {"type": "text", "text": "And this one?"}],
+    ]
+    for trim_ratio in (-1, 0.25, None):
+        messages, cache = [], None
+        for number, content in enumerate(turns):
+            messages.append({"role": "user", "content": content})
+            inputs = processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            )
+            options = dict(trim_ratio=trim_ratio, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+            fresh = model.generate(**inputs, **options)
+            continued = model.generate(**inputs, past_key_values=cache, **options) if cache is not None else fresh
+            assert torch.equal(continued.sequences, fresh.sequences), f"trim_ratio={trim_ratio}, turn {number + 1}"
+            answer = processor.decode(continued.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+            cache = continued.past_key_values
