@@ -438,7 +438,7 @@ def summarize_setting(setting: Setting, questions: Sequence[dict], records: Sequ
         num_patches = max(m.get("num_patches", 0) for m in metadata)
         summary["num_patches"] = num_patches
         summary["kept_tokens"] = _distribution(kept, num_patches)
-        summary["image_tokens_mean"] = sum(m["image_tokens"] for m in metadata) / len(metadata)
+        summary["image_tokens_mean"] = sum(m["image_tokens"] for m in metadata if "num_kept" in m) / len(kept)
     timed = [m for m in metadata if "batch_seconds" in m]
     if timed:
         seconds = sum(m["batch_seconds"] / m["batch_size"] for m in timed)
@@ -899,6 +899,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="'auto' (GPU if available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    parser.add_argument("--no-plot", action="store_true", help="No summary.png.")
     return parser.parse_args(argv)
 
 
@@ -960,9 +961,13 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     model_id = args.model_id or Path(str(args.model).rstrip("/")).name
     loaded: list = []
 
-    def model_and_processor():
+    def model_and_processor(warm_up_with: dict):
         if not loaded:
-            loaded.extend(load_model_and_processor(args.model, processes.device, args.dtype))
+            model, processor = load_model_and_processor(args.model, processes.device, args.dtype)
+            # one untimed call first, so that one-off start-up costs (kernels, caches) stay out of the timings
+            image = _load_image(warm_up_with)
+            generate_answers(model, processor, [warm_up_with], None if image is None else [image], -1, 2)
+            loaded.extend((model, processor))
         return loaded
 
     summaries = []
@@ -985,13 +990,16 @@ def answer_setting(task: Task, setting: Setting, processes: Processes, model_and
     pending = pending_questions(records, task.questions)
     processes.wait_for_everyone()  # ... before any writes
     mine = processes.my_share(pending)
+    if processes.world_size > 1:
+        print(
+            f"[process {processes.rank} of {processes.world_size}] {task.name}, TRIM {setting.name}: answering "
+            f"{len(mine)} of the {len(pending)} unanswered questions on {processes.device}",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         if mine:
-            model, processor = model_and_processor()
-            # one untimed call first, so that one-off start-up costs (kernels, caches) stay out of the timings
-            first = mine[0]
-            image = _load_image(first)
-            generate_answers(model, processor, [first], None if image is None else [image], setting.trim_ratio, 2)
+            model, processor = model_and_processor(warm_up_with=mine[0])
             with AnswerFile(part_file_path(task.output_dir, setting, processes.rank)) as part:
                 run_setting(
                     model,
@@ -1052,6 +1060,8 @@ def summarize_task(task: Task, settings: Sequence[Setting], model_id: str, args:
         "settings": summaries,
     }
     (task.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if args.no_plot:
+        return summary
     try:
         plot_summary(summaries, task.output_dir / "summary.png", title=f"{model_id} on {task.name}")
     except ImportError:
@@ -1078,7 +1088,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if setting.get("score"):
                 print(f"{setting['setting']}: {_headline(setting['score'])}")
     if summaries:
-        print(f"Wrote answer files, summary.json and summary.png under {args.output_dir}")
+        print(f"Wrote answer files and summaries under {args.output_dir}")
     return 0
 
 
