@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# LLaVA's own code, the reference in tests (prompts, scorers): its pure modules only, so without dependencies
+	$(BIN)/python -m pip install --quiet --no-deps llava-torch==1.2.2.post1
 	touch $@
 
 demo: install

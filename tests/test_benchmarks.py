@@ -16,8 +16,6 @@ from llava_trim.tools.evaluate import build_prompt, main, new_answer_id
 from llava_trim.tools.tiny import tiny_model
 from llava_trim.tools.tiny_tokenizers import build_tiny_processor
 
-conversation = pytest.importorskip("llava.conversation", reason="LLaVA's package is the reference for prompts")
-
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
@@ -66,6 +64,7 @@ def cli(model_dir, data_root, output, *benchmarks, settings=("auto",)):
 
 def llava_prompt(user_turn: str) -> str:
     """LLaVA's own `vicuna_v1` prompt for one user turn (the reference)."""
+    conversation = pytest.importorskip("llava.conversation", reason="LLaVA's package is the reference for prompts")
     chat = conversation.conv_templates["vicuna_v1"].copy()
     chat.append_message(chat.roles[0], user_turn)
     chat.append_message(chat.roles[1], None)
