@@ -285,3 +285,19 @@ def test_textvqa_question_extraction_matches_llava():
         assert textvqa_question(prompt) == eval_textvqa.prompt_processor(prompt)
     with pytest.raises(ValueError, match="Cannot find the question"):
         textvqa_question("one\ntwo\nthree\nfour")
+
+
+def test_vizwiz_submission_needs_every_question(data_root, tmp_path, capsys):
+    from llava_trim.tools.benchmarks.vqa import VizWiz
+
+    vizwiz = VizWiz(data_root)
+    questions = vizwiz.load_questions()
+    records = [{"question_id": questions[0]["question_id"], "text": "Unanswerable"}]
+    assert vizwiz.write_outputs(records, questions, tmp_path, "auto") == []
+    assert "1 questions are unanswered, so no submission file was written" in capsys.readouterr().err
+    records.append({"question_id": questions[1]["question_id"], "text": "A red box."})
+    (path,) = vizwiz.write_outputs(records, questions, tmp_path, "auto")
+    assert json.loads(path.read_text()) == [
+        {"image": "VizWiz_test_00000000.jpg", "answer": "unanswerable"},
+        {"image": "VizWiz_test_00000001.jpg", "answer": "red box"},
+    ]

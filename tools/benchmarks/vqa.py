@@ -7,6 +7,7 @@ dropped unless before a digit, number words to digits, articles dropped, contrac
 """
 
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -116,6 +117,11 @@ class VizWiz(Benchmark):
         answers = {record["question_id"]: record["text"] for record in records}
         missing = [question["question_id"] for question in questions if question["question_id"] not in answers]
         if missing:  # the server needs every test image answered
+            print(
+                f"{self.title}: {len(missing)} questions are unanswered, so no submission file was written: run the "
+                "same command again to answer them.",
+                file=sys.stderr,
+            )
             return []
         submission = [
             {"image": question["image"], "answer": normalize_vqa_answer(answers[question["question_id"]])}
