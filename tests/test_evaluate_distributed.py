@@ -4,8 +4,11 @@ died loses only its unfinished questions."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -146,3 +149,59 @@ def test_accelerate_resumes_what_a_dead_process_left(model_dir, dataset, single_
     assert merged[0] == single_run[0] and merged[3] == single_run[3]  # kept as written, not answered again
     assert [comparable(record) for record in merged] == [comparable(record) for record in single_run]
     assert not list(output.glob("*.part*"))
+
+
+def _worker_pid(output, rank: int) -> int | None:
+    """The pid of the evaluation process of `rank` writing to `output` (found through /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            environment = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"llava_trim.tools.evaluate" in command and str(output).encode() in command:
+            if f"RANK={rank}".encode() in environment and b"LOCAL_RANK" in b" ".join(environment):
+                return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker process through /proc")
+def test_a_killed_process_loses_only_its_unfinished_questions(model_dir, dataset, tmp_path):
+    _, questions = dataset
+    output = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    arguments = args(model_dir, dataset, output)
+    arguments[arguments.index("--batch-size") + 1] = "1"
+    arguments[arguments.index("--max-new-tokens") + 1] = "24"
+    command = [sys.executable, "-m", *TORCHRUN, "-m", "llava_trim.tools.evaluate", *arguments]
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    part = output / "answers_auto.part1.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while not (part.exists() and part.read_text().count("\n") >= 1):  # process 1 has answered a question
+            assert time.monotonic() < deadline and launcher.poll() is None, "process 1 never answered"
+            time.sleep(0.02)
+        pid = _worker_pid(output, rank=1)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert launcher.wait(timeout=300) != 0  # torchrun stops the other process and fails
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+    survived = [record for path in sorted(output.glob("answers_auto*.jsonl")) for record in read_jsonl_lenient(path)]
+    assert 1 <= len(survived) < len(questions)
+    assert main([*arguments, "--device", "cpu"]) == 0  # resume, here in one process
+    merged = read_jsonl(output / "answers_auto.jsonl")
+    assert [record["question_id"] for record in merged] == [q["question_id"] for q in questions]  # each once
+    kept = {record["answer_id"] for record in merged}
+    assert {record["answer_id"] for record in survived} <= kept  # what was written before the kill is kept
+
+
+def read_jsonl_lenient(path):
+    """The complete lines of a file a killed process may have left mid-line."""
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
