@@ -118,6 +118,8 @@ def test_benchmark_errors_name_the_problem(data_root, tmp_path, model_dir, capsy
     assert "No benchmark's question file is under" in capsys.readouterr().err
     assert main(cli(model_dir, tmp_path / "empty", tmp_path / "out", "pope")) == 2
     assert "llava_pope_test.jsonl not found" in capsys.readouterr().err
+    assert main([*cli(model_dir, data_root, tmp_path / "out", "pope"), "--image-folder", str(tmp_path)]) == 2
+    assert "--image-folder and --annotations go with --questions" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -918,6 +918,11 @@ class Task:
 def _tasks(args: argparse.Namespace) -> list[Task]:
     output_dir = Path(args.output_dir)
     if args.benchmark:
+        if args.image_folder or args.annotations:
+            raise ValueError(
+                "--image-folder and --annotations go with --questions: a --benchmark finds its images and ground "
+                "truth under --data-root."
+            )
         tasks = []
         for benchmark in get_benchmarks(args.benchmark, args.data_root):
             questions = benchmark.load_questions()[: args.limit]
