@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 DEMO_MODEL := demo-output/llava-v1.5-7b-trim
 PORT ?= 7860
 
-.PHONY: install demo test lint app
+.PHONY: install install-lmms-eval demo test lint app
 
 install: $(VENV)/.installed
 
@@ -22,8 +22,21 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
-	# LLaVA's own package, the tests' reference for its prompts and scorers: pure modules only, so no dependencies
+	# LLaVA's own code, the reference in tests (prompts, scorers): its pure modules only, so without dependencies
 	$(BIN)/python -m pip install --quiet --no-deps llava-torch==1.2.2.post1
+	touch $@
+
+# The optional lmms-eval adapter, which the test suite covers: `make test` installs it. lmms-eval leaves torch
+# unpinned (PyPI's default is the multi-GB CUDA build), so the torch already installed is pinned. PyPI's torchvision,
+# which it pulls, is built for the CUDA torch and does not load beside the CPU build (nothing here needs it);
+# lmms-eval's wandb pin would downgrade protobuf to 6, which cannot read the tiny tokenizers' sentencepiece models.
+install-lmms-eval: $(VENV)/.installed-lmms-eval
+
+$(VENV)/.installed-lmms-eval: $(VENV)/.installed .ci/lmms-eval-constraints.txt
+	$(BIN)/python -m pip install --quiet -c .ci/lmms-eval-constraints.txt -e ".[lmms-eval]" \
+		"torch==$$($(BIN)/python -c 'import torch; print(torch.__version__)')"
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision
+	$(BIN)/python -m pip install --quiet "protobuf>=7"
 	touch $@
 
 demo: install
@@ -40,8 +53,8 @@ $(DEMO_MODEL)/config.json: | install
 	rm -rf demo-output
 	$(BIN)/python -m llava_trim.tools.demo --keep demo-output
 
-test: install
-	$(BIN)/python -m pytest -q
+test: install $(VENV)/.installed-lmms-eval
+	LLAVA_TRIM_REQUIRE_LMMS_EVAL=1 $(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,32 +1,36 @@
 # Copyright 2026 The llava-trim authors. Licensed under the Apache License, Version 2.0.
-"""Evaluate LLaVA-TRIM on a benchmark: answers for several TRIM modes, accuracy, kept tokens and speed.
+"""Evaluate LLaVA-TRIM on LLaVA-1.5's benchmarks: answers for several TRIM modes, scores, kept tokens and speed.
 
-Reads LLaVA's evaluation question files (JSONL, one object per line with `question_id`, `image`, `text` and optionally
-`answer` / `answers` / `label` and `category`), answers every question once per setting (`off`: plain LLaVA-1.5,
-`auto`: TRIM's IQR rule, or a fixed keep ratio such as `0.1`) with batched greedy generation, and writes:
+Two ways to name the questions:
 
-- `answers_<setting>.jsonl`: LLaVA's answer-file format (`question_id`, `prompt`, `text`, `answer_id`, `model_id`,
-  `metadata`), so LLaVA's own scorers (`eval_pope.py`, `eval_textvqa.py`, ...) read it unchanged. `metadata` records
-  what TRIM kept and how long the answer took;
-- `summary.json` and `summary.png`: accuracy where ground truth is known (VQA-style normalised exact match; yes/no
-  accuracy, precision, recall and F1 for POPE-style questions), the distribution of kept tokens, time to first token
-  and throughput, per setting.
+- `--benchmark NAME ...` (or `all`): the TRIM paper's 12 benchmarks as LLaVA-1.5 evaluates them, read from LLaVA's
+  `playground/data/eval` layout (see `llava_trim.tools.benchmarks`): the same prompts, LLaVA's answer files, each
+  benchmark's submission or scorer files, and local scores where the ground truth ships;
+- `--questions FILE --image-folder DIR`: any LLaVA question file (JSONL with `question_id`, `image`, `text` and
+  optionally `answer` / `answers` / `label` and `category`), scored with the VQA rule where ground truth is given.
 
-Answers are appended and flushed one at a time; a rerun with the same output folder continues where an interrupted
-run stopped and never answers a question twice.
+Every question is answered once per setting (`off`: plain LLaVA-1.5, `auto`: TRIM's IQR rule, or a fixed keep ratio
+such as `0.1`) with batched greedy generation. Written per setting: `answers_<setting>.jsonl` (LLaVA's answer-file
+format, in question-file order; `metadata` records what TRIM kept and how long the answer took), plus `summary.json`
+and `summary.png` (scores, the distribution of kept tokens, time to first token, throughput).
+
+Under `torchrun --nproc_per_node N -m llava_trim.tools.evaluate ...` (or `accelerate launch --multi_gpu
+--num_processes N -m ...`, with `--nnodes` for several machines) each process loads the model on its own device and
+answers a contiguous share of the questions into its own part file; the first process merges them. Answers are
+flushed one at a time: a rerun with the same output folder (any number of processes) answers only what is missing.
 
 ```bash
-python -m llava_trim.tools.evaluate --model path/to/llava-v1.5-7b-trim \
-    --questions llava_pope_test.jsonl --image-folder coco/val2014 --annotations coco/coco_pope_*.json \
-    --settings off auto 0.1 --output-dir results/pope --batch-size 8
+python -m llava_trim.tools.evaluate --model path/to/llava-v1.5-7b-trim --benchmark pope mme \
+    --settings off auto 0.1 --output-dir results --batch-size 8
 ```
 """
 
 import argparse
+import base64
+import io
 import json
 import math
 import os
-import re
 import sys
 import time
 import uuid
@@ -40,7 +44,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
-from ..processing_llava_trim import VICUNA_V1_SYSTEM
+from .benchmarks import BENCHMARKS, Benchmark, get_benchmarks
+from .benchmarks.vqa import normalize_vqa_answer, vqa_score
+from .benchmarks.yes_no import pope_answer
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Settings
@@ -215,17 +221,17 @@ class AnswerFile:
     [`write`] appends one line and flushes it, so a killed run loses at most the answer being written.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, repair: bool = True):
         self.path = Path(path)
-        self.records: list[dict] = self._read_and_repair()
+        self.records: list[dict] = self._read_and_repair(repair)
         self._file = None
 
-    def _read_and_repair(self) -> list[dict]:
+    def _read_and_repair(self, repair: bool) -> list[dict]:
         if not self.path.exists():
             return []
         data = self.path.read_bytes()
         *complete, tail = data.split(b"\n")
-        if tail:  # a line without its newline: the write was interrupted
+        if tail and repair:  # a line without its newline: the write was interrupted
             with open(self.path, "r+b") as file:
                 file.truncate(len(data) - len(tail))
         records = []
@@ -246,15 +252,7 @@ class AnswerFile:
 
     def pending(self, questions: Sequence[dict]) -> list[dict]:
         """The questions without an answer yet, in file order (a question asked twice needs two answers)."""
-        answered = Counter(question_key(record["question_id"], record["prompt"]) for record in self.records)
-        pending = []
-        for question in questions:
-            key = question_key(question["question_id"], question["text"])
-            if answered[key] > 0:
-                answered[key] -= 1
-            else:
-                pending.append(question)
-        return pending
+        return pending_questions(self.records, questions)
 
     def write(self, record: dict) -> None:
         """Append one answer and flush it to the operating system."""
@@ -279,14 +277,31 @@ class AnswerFile:
         self.close()
 
 
+def _key_of_question(question: dict) -> tuple[str, str]:
+    return question_key(question["question_id"], question.get("prompt", question["text"]))
+
+
+def pending_questions(records: Sequence[dict], questions: Sequence[dict]) -> list[dict]:
+    """The questions without an answer in `records`, in question order (a question asked twice needs two answers)."""
+    answered = Counter(question_key(record["question_id"], record["prompt"]) for record in records)
+    pending = []
+    for question in questions:
+        key = _key_of_question(question)
+        if answered[key] > 0:
+            answered[key] -= 1
+        else:
+            pending.append(question)
+    return pending
+
+
 def answers_for_questions(records: Sequence[dict], questions: Sequence[dict]) -> list[dict | None]:
-    """Pair answer records with questions (by id and text, in order of occurrence); `None` where unanswered."""
+    """Pair answer records with questions (by id and prompt, in order of occurrence); `None` where unanswered."""
     by_key: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for record in records:
         by_key[question_key(record["question_id"], record["prompt"])].append(record)
     paired = []
     for question in questions:
-        candidates = by_key.get(question_key(question["question_id"], question["text"]))
+        candidates = by_key.get(_key_of_question(question))
         paired.append(candidates.pop(0) if candidates else None)
     return paired
 
@@ -295,75 +310,36 @@ def answers_for_questions(records: Sequence[dict], questions: Sequence[dict]) ->
 # Metrics
 # ---------------------------------------------------------------------------------------------------------------------
 
-# VQA-style answer normalisation. "none" -> "0" as in the VQA evaluation.
-_NUMBER_WORDS = {
-    "none": "0",
-    "zero": "0",
-    "one": "1",
-    "two": "2",
-    "three": "3",
-    "four": "4",
-    "five": "5",
-    "six": "6",
-    "seven": "7",
-    "eight": "8",
-    "nine": "9",
-    "ten": "10",
-    "eleven": "11",
-    "twelve": "12",
-}
-_ARTICLES = {"a", "an", "the"}
-
 
 def normalize_answer(text: str) -> str:
-    """
-    Normalise an answer for exact-match scoring, VQA-style.
-
-    Lowercase; drop apostrophes and the thousands separators of numbers ("1,000" -> "1000"); turn other punctuation
-    into spaces, except decimal points ("3.5"); drop the articles a / an / the; number words become digits
-    ("Two" -> "2"); collapse whitespace. `"The Two dogs."` -> `"2 dogs"`.
-    """
-    text = text.lower()
-    text = re.sub(r"(?<=\d),(?=\d{3})", "", text)
-    text = text.replace("'", "").replace("\u2019", "")
-    text = re.sub(r"\.(?!\d)|(?<!\d)\.", " ", text)
-    text = re.sub(r"[^\w\s.]|_", " ", text)
-    words = [_NUMBER_WORDS.get(word, word) for word in text.split() if word not in _ARTICLES]
-    return " ".join(words)
+    """Normalise an answer as the VQA / EvalAI evaluation does (see `benchmarks.vqa.normalize_vqa_answer`)."""
+    return normalize_vqa_answer(text)
 
 
 def vqa_accuracy(prediction: str, truth: str | Sequence[str]) -> float:
     """
-    Accuracy of one prediction.
+    Accuracy of one prediction, with the VQA / EvalAI answer normalisation.
 
-    Against one answer: normalised exact match (0 or 1). Against several annotators' answers (VQAv2, TextVQA): the VQA
-    rule `min(1, matches / 3)`, averaged over the subsets that leave one annotator out.
+    Against one answer: exact match after normalisation (0 or 1). Against several annotators' answers (VQAv2,
+    TextVQA): the VQA rule `min(1, matches / 3)`, averaged over the subsets that leave one annotator out.
     """
-    predicted = normalize_answer(prediction)
-    if isinstance(truth, str):
-        return float(predicted == normalize_answer(truth))
-    answers = [normalize_answer(answer) for answer in truth]
-    if not answers:
+    if isinstance(truth, str) or len(truth) == 1:
+        truth = truth if isinstance(truth, str) else truth[0]
+        return float(normalize_vqa_answer(prediction) == normalize_vqa_answer(truth))
+    if not truth:
         raise ValueError("Empty list of ground-truth answers.")
-    if len(answers) == 1:
-        return float(predicted == answers[0])
-    matches = sum(answer == predicted for answer in answers)
-    # leaving out a matching annotator leaves matches - 1 matches, leaving out another leaves all of them
-    scores = [min(1.0, (matches - (answer == predicted)) / 3) for answer in answers]
-    return sum(scores) / len(scores)
+    return vqa_score(prediction, truth)
 
 
 def parse_yes_no(text: str) -> str:
-    """Read a yes/no answer as LLaVA's POPE scorer does: in the first sentence, "no" or "not" means no, else yes."""
-    first_sentence = text.split(".")[0].replace(",", "")
-    words = re.sub(r"[^\w\s]", " ", first_sentence.lower()).split()
-    return "no" if "no" in words or "not" in words else "yes"
+    """Read a yes/no answer as LLaVA's POPE scorer does (see `benchmarks.yes_no.pope_answer`)."""
+    return pope_answer(text)
 
 
 def yes_no_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict:
     """POPE metrics with "yes" as the positive class: accuracy, precision, recall, F1, yes ratio and the counts."""
     parsed = [parse_yes_no(prediction) for prediction in predictions]
-    truths = [normalize_answer(label) for label in labels]
+    truths = ["no" if normalize_answer(label) == "no" else "yes" for label in labels]
     tp = sum(p == "yes" and t == "yes" for p, t in zip(parsed, truths, strict=True))
     fp = sum(p == "yes" and t == "no" for p, t in zip(parsed, truths, strict=True))
     tn = sum(p == "no" and t == "no" for p, t in zip(parsed, truths, strict=True))
@@ -462,7 +438,7 @@ def summarize_setting(setting: Setting, questions: Sequence[dict], records: Sequ
         num_patches = max(m.get("num_patches", 0) for m in metadata)
         summary["num_patches"] = num_patches
         summary["kept_tokens"] = _distribution(kept, num_patches)
-        summary["image_tokens_mean"] = sum(m["image_tokens"] for m in metadata) / len(metadata)
+        summary["image_tokens_mean"] = sum(m["image_tokens"] for m in metadata if "num_kept" in m) / len(kept)
     timed = [m for m in metadata if "batch_seconds" in m]
     if timed:
         seconds = sum(m["batch_seconds"] / m["batch_size"] for m in timed)
@@ -490,31 +466,33 @@ def load_model_and_processor(model: str, device: str = "auto", dtype: str = "aut
     Load a converted LLaVA-TRIM folder (or Hub id) and its processor, ready for batched generation.
 
     `device="auto"` picks the first GPU when there is one; `dtype="auto"` keeps the checkpoint's dtype on GPU and uses
-    float32 on CPU. The tokenizer pads on the left, as generation needs.
+    float32 on CPU. The processor pads batches on the left, as generation needs.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
-        torch_dtype = torch.float32 if device == "cpu" else "auto"
+        torch_dtype = torch.float32 if str(device).startswith("cpu") else "auto"
     else:
         torch_dtype = getattr(torch, dtype)
     loaded = AutoModelForImageTextToText.from_pretrained(
         model, trust_remote_code=True, dtype=torch_dtype, device_map={"": device}
     ).eval()
     processor = AutoProcessor.from_pretrained(model, trust_remote_code=True)
-    processor.tokenizer.padding_side = "left"
     return loaded, processor
 
 
-def build_prompt(processor, question: str) -> str:
-    """LLaVA-1.5's one-image prompt for `question`: the processor's chat template, else LLaVA's `vicuna_v1`."""
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    image_token = getattr(processor, "image_token", "<image>")
-    return f"{VICUNA_V1_SYSTEM} USER: {image_token}\n{question} ASSISTANT:"
+def build_prompt(processor, question: str, with_image: bool = True) -> str:
+    """LLaVA-1.5's prompt for one question: the image (if any), then the question, in the processor's chat template
+    (LLaVA's `vicuna_v1` conversation)."""
+    if not getattr(processor, "chat_template", None):
+        raise ValueError(
+            "The processor has no chat template, so LLaVA-1.5's prompt cannot be built. Convert the checkpoint with "
+            "llava_trim's convert_checkpoint.py, which saves the vicuna_v1 template with the processor."
+        )
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 class FirstTokenTimer(BaseStreamer):
@@ -545,27 +523,28 @@ def generate_answers(
     model,
     processor,
     questions: Sequence[dict],
-    images: Sequence[Image.Image],
+    images: Sequence[Image.Image] | None,
     trim_ratio: float | None,
     max_new_tokens: int = 128,
 ) -> tuple[list[dict], dict]:
     """
-    Answer a batch of questions (one image each) with greedy decoding.
+    Answer a batch of questions with greedy decoding: one image each, or (`images=None`) text only.
 
     Returns:
         `(answers, timing)`: per question a dict with `text`, `num_kept`, `num_patches`, `image_tokens` (LLM positions
-        of its image) and `num_new_tokens`; `timing` with the batch's `batch_seconds` (processor to last token) and
-        `ttft_seconds` (processor to first new token).
+        of its image; absent for text-only questions) and `num_new_tokens`; `timing` with the batch's
+        `batch_seconds` (processor to last token) and `ttft_seconds` (processor to first new token).
     """
     tokenizer = processor.tokenizer
-    prompts = [build_prompt(processor, question["text"]) for question in questions]
+    prompts = [build_prompt(processor, question["text"], with_image=images is not None) for question in questions]
     eos = model.generation_config.eos_token_id
     eos_token_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else {tokenizer.eos_token_id}
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_token_ids)
 
     timer = FirstTokenTimer()
     start = time.perf_counter()
-    inputs = processor(images=list(images), text=prompts, padding=True, return_tensors="pt").to(model.device)
+    image_kwargs = {"images": list(images)} if images is not None else {}
+    inputs = processor(text=prompts, padding=True, return_tensors="pt", **image_kwargs).to(model.device)
     with torch.inference_mode():
         outputs = model.generate(
             **inputs,
@@ -580,46 +559,47 @@ def generate_answers(
     new_tokens = outputs.sequences[:, inputs["input_ids"].shape[1] :].cpu()  # (batch, new_length)
     end = time.perf_counter()
 
-    selection = outputs["trim_selection"]
-    num_kept = selection.num_kept.tolist()
-    image_tokens = selection.tokens_per_image.tolist()
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     answers = [
-        {
-            "text": text.strip(),
-            "num_kept": num_kept[row],
-            "num_patches": selection.num_patches,
-            "image_tokens": image_tokens[row],
-            "num_new_tokens": _num_new_tokens(new_tokens[row], eos_token_ids),
-        }
+        {"text": text.strip(), "num_new_tokens": _num_new_tokens(new_tokens[row], eos_token_ids)}
         for row, text in enumerate(texts)
     ]
+    selection = outputs.get("trim_selection") if images is not None else None
+    if selection is not None:
+        num_kept, image_tokens = selection.num_kept.tolist(), selection.tokens_per_image.tolist()
+        for row, answer in enumerate(answers):
+            answer.update(num_kept=num_kept[row], num_patches=selection.num_patches, image_tokens=image_tokens[row])
     first_token = timer.first_token_time if timer.first_token_time is not None else end
     return answers, {"batch_seconds": end - start, "ttft_seconds": first_token - start}
 
 
-def _load_image(image_folder: Path, question: dict) -> Image.Image:
-    path = image_folder / question["image"]
+def _load_image(question: dict) -> Image.Image | None:
+    """The question's image (a file, or MMBench's base64 cell), as RGB; `None` for a text-only question."""
+    if question.get("image_base64") is not None:
+        source, name = io.BytesIO(base64.b64decode(question["image_base64"])), "its base64 image"
+    elif question.get("image_path") is not None:
+        source, name = question["image_path"], repr(str(question["image_path"]))
+    else:
+        return None
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(
-            f"Cannot read the image {str(path)!r} of question_id {question['question_id']!r} ({error}). Answers "
+            f"Cannot read the image {name} of question_id {question['question_id']!r} ({error}). Answers "
             "written so far are kept: fix or replace the file and run again to resume."
         ) from None
 
 
-def check_images(questions: Sequence[dict], image_folder: str | Path) -> None:
-    """Fail early, before loading the model, when an image of the question file is missing."""
-    image_folder = Path(image_folder)
-    missing = [question for question in questions if not (image_folder / question["image"]).is_file()]
+def check_images(questions: Sequence[dict]) -> None:
+    """Fail early, before loading the model, when an image file of the questions is missing."""
+    missing = [q for q in questions if q.get("image_path") is not None and not Path(q["image_path"]).is_file()]
     if missing:
         first = missing[0]
         raise FileNotFoundError(
-            f"{len(missing)} of {len(questions)} images are missing from {image_folder}, e.g. {first['image']!r} "
+            f"{len(missing)} of {len(questions)} images are missing, e.g. {str(first['image_path'])!r} "
             f"(question_id {first['question_id']!r}). Pass the folder holding the benchmark's images as "
-            "--image-folder."
+            "--image-folder (or put them where LLaVA's docs/Evaluation.md says, under --data-root)."
         )
 
 
@@ -627,23 +607,50 @@ def answer_file_path(output_dir: str | Path, setting: Setting) -> Path:
     return Path(output_dir) / f"answers_{setting.name}.jsonl"
 
 
-def check_answer_file(answer_file: AnswerFile, model_id: str, setting: Setting) -> None:
-    """Refuse to resume from answers another model or another setting wrote."""
-    for record in answer_file.records:
-        written_setting = (record.get("metadata") or {}).get("setting")
-        if record.get("model_id") != model_id or written_setting != setting.name:
-            raise ValueError(
-                f"{answer_file.path} holds answers of model {record.get('model_id')!r} with setting "
-                f"{written_setting!r}, not of {model_id!r} with setting {setting.name!r}. Use another --output-dir, "
-                "or delete the file to start over."
-            )
+def answer_record(question: dict, answer: dict, setting: Setting, model_id: str, timing: dict, batch: int) -> dict:
+    """One line of a LLaVA answer file: `question_id`, `prompt`, `text`, the benchmark's extra fields (MMBench's
+    `round_id`, `options`, `option_char`), `answer_id`, `model_id` and our `metadata`."""
+    extra = dict(question.get("answer_fields") or {})
+    record = {"question_id": question["question_id"]}
+    if "round_id" in extra:
+        record["round_id"] = extra.pop("round_id")
+    record.update(prompt=question["prompt"], text=answer.pop("text"), **extra)
+    record.update(
+        answer_id=new_answer_id(),
+        model_id=model_id,
+        metadata={
+            "setting": setting.name,
+            "trim_ratio": setting.trim_ratio,
+            **answer,
+            "batch_size": batch,
+            "batch_seconds": timing["batch_seconds"],
+            "ttft_seconds": timing["ttft_seconds"],
+        },
+    )
+    return record
+
+
+def batches(questions: Sequence[dict], batch_size: int) -> Iterable[list[dict]]:
+    """Consecutive questions in batches of at most `batch_size`; image and text-only questions never share one."""
+    batch: list[dict] = []
+    for question in questions:
+        with_image = _has_image(question)
+        if batch and (len(batch) == batch_size or _has_image(batch[0]) != with_image):
+            yield batch
+            batch = []
+        batch.append(question)
+    if batch:
+        yield batch
+
+
+def _has_image(question: dict) -> bool:
+    return question.get("image_path") is not None or question.get("image_base64") is not None
 
 
 def run_setting(
     model,
     processor,
     questions: Sequence[dict],
-    image_folder: str | Path,
     setting: Setting,
     answer_file: AnswerFile,
     model_id: str,
@@ -651,43 +658,101 @@ def run_setting(
     max_new_tokens: int = 128,
     progress: bool = True,
 ) -> int:
-    """Answer every question of `questions` not yet in `answer_file`, batch by batch; return how many were added."""
-    check_answer_file(answer_file, model_id, setting)
-    pending = answer_file.pending(questions)
-    image_folder = Path(image_folder)
+    """Answer every question of `questions` (in order), batch by batch, into `answer_file`; return how many."""
     added = 0
-    with tqdm(
-        total=len(questions),
-        initial=len(questions) - len(pending),
-        desc=f"TRIM {setting.name}",
-        unit="q",
-        disable=not progress,
-    ) as bar:
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
-            images = [_load_image(image_folder, question) for question in batch]
+    with tqdm(total=len(questions), desc=f"TRIM {setting.name}", unit="q", disable=not progress) as bar:
+        for batch in batches(questions, batch_size):
+            images = [_load_image(question) for question in batch] if _has_image(batch[0]) else None
             answers, timing = generate_answers(model, processor, batch, images, setting.trim_ratio, max_new_tokens)
             for question, answer in zip(batch, answers, strict=True):
-                answer_file.write(
-                    {
-                        "question_id": question["question_id"],
-                        "prompt": question["text"],
-                        "text": answer.pop("text"),
-                        "answer_id": new_answer_id(),
-                        "model_id": model_id,
-                        "metadata": {
-                            "setting": setting.name,
-                            "trim_ratio": setting.trim_ratio,
-                            **answer,
-                            "batch_size": len(batch),
-                            "batch_seconds": timing["batch_seconds"],
-                            "ttft_seconds": timing["ttft_seconds"],
-                        },
-                    }
-                )
+                answer_file.write(answer_record(question, answer, setting, model_id, timing, len(batch)))
                 added += 1
             bar.update(len(batch))
     return added
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Processes: one model per process, the questions split between them
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Processes:
+    """This process's place among those `torchrun` / `accelerate launch` started (rank 0 of 1 without a launcher)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: str = "auto"
+    state: object = None  # accelerate's PartialState when several processes run
+
+    def wait_for_everyone(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def my_share(self, questions: Sequence[dict]) -> list[dict]:
+        """This process's contiguous share of `questions` (LLaVA's `--num-chunks` / `--chunk-idx` split)."""
+        size = math.ceil(len(questions) / self.world_size) if questions else 0
+        return list(questions[self.rank * size : (self.rank + 1) * size])
+
+
+def start_processes(device: str = "auto") -> Processes:
+    """
+    Join the processes a launcher started (`WORLD_SIZE` > 1): one process group (NCCL on GPUs, Gloo on CPUs), each
+    process on its own device (`cuda:<local rank>`, or the CPU). Alone, nothing is set up.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Processes(device=device)
+    from accelerate import PartialState
+
+    on_cpu = device == "cpu" or (device in ("auto", "cuda") and not torch.cuda.is_available())
+    if not on_cpu and device not in ("auto", "cuda"):
+        raise ValueError(
+            f"--device {device} names one device, but {world_size} processes run: leave --device at 'auto' (each "
+            "process takes the GPU of its local rank) or pass 'cpu'."
+        )
+    state = PartialState(cpu=on_cpu)  # without cpu=True, a CPU-only process would run alone as "rank 0 of 1"
+    if state.num_processes != world_size:
+        raise RuntimeError(
+            f"The launcher started {world_size} processes but this one joined a group of {state.num_processes}: "
+            "launch with torchrun, or with accelerate launch --multi_gpu --num_processes N."
+        )
+    return Processes(state.process_index, state.num_processes, "cpu" if on_cpu else str(state.device), state)
+
+
+def part_file_path(output_dir: Path, setting: Setting, rank: int) -> Path:
+    return output_dir / f"answers_{setting.name}.part{rank}.jsonl"
+
+
+def read_answers(output_dir: Path, setting: Setting) -> tuple[list[dict], list[Path]]:
+    """Every answer written for `setting`: the merged answer file, then the per-process part files of earlier
+    (maybe interrupted) runs, whatever their number of processes. Also returns the part files' paths."""
+    parts = sorted(output_dir.glob(f"answers_{setting.name}.part*.jsonl"))
+    records = []
+    for path in [answer_file_path(output_dir, setting), *parts]:
+        records.extend(AnswerFile(path, repair=False).records)
+    return records, parts
+
+
+def merge_answers(output_dir: Path, setting: Setting, questions: Sequence[dict]) -> list[dict]:
+    """
+    Write the answer file in question-file order from every answer written so far (merged file and part files),
+    then remove the part files. Answers to questions not in `questions` (an earlier run without `--limit`) are kept,
+    after the others. Returns the answers to `questions`, in order.
+    """
+    records, parts = read_answers(output_dir, setting)
+    paired = answers_for_questions(records, questions)
+    ordered = [record for record in paired if record is not None]
+    used = {id(record) for record in ordered}
+    others = [record for record in records if id(record) not in used]
+    path = answer_file_path(output_dir, setting)
+    if ordered or others or path.exists():
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(json.dumps(record) + "\n" for record in ordered + others), encoding="utf-8")
+        partial.replace(path)
+    for part in parts:
+        part.unlink()
+    return ordered
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -789,12 +854,25 @@ def plot_summary(summaries: Sequence[dict], path: str | Path, title: str | None 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m llava_trim.tools.evaluate",
-        description="Answer a LLaVA benchmark question file with TRIM off, automatic and fixed ratios; write LLaVA "
-        "answer files and a summary of accuracy, kept tokens and speed. Rerun the same command to resume.",
+        description="Answer LLaVA-1.5's benchmarks (or any LLaVA question file) with TRIM off, automatic and fixed "
+        "ratios; write LLaVA answer files, each benchmark's submission or scorer files, and a summary of scores, "
+        "kept tokens and speed. Rerun the same command to resume. Under torchrun or accelerate launch the questions "
+        "are split over the processes.",
     )
     parser.add_argument("--model", required=True, help="Converted LLaVA-TRIM folder or Hub repository id.")
-    parser.add_argument("--questions", required=True, help="LLaVA question file (JSONL: question_id, image, text).")
-    parser.add_argument("--image-folder", required=True, help="Folder the questions' `image` paths are relative to.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--benchmark",
+        nargs="+",
+        metavar="NAME",
+        help=f"LLaVA-1.5 benchmarks to run, in LLaVA's playground/data/eval layout: {', '.join(BENCHMARKS)}, or "
+        "'all' (every one whose data is under --data-root).",
+    )
+    source.add_argument("--questions", help="A LLaVA question file (JSONL: question_id, image, text).")
+    parser.add_argument(
+        "--data-root", default="playground/data/eval", help="LLaVA's eval.zip, unpacked (with --benchmark)."
+    )
+    parser.add_argument("--image-folder", help="Folder the questions' `image` paths are relative to (--questions).")
     parser.add_argument(
         "--settings",
         nargs="+",
@@ -806,78 +884,191 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--annotations",
         nargs="+",
         default=[],
-        help="Ground-truth files for question files without answers "
+        help="Ground-truth files for a question file without answers "
         "(e.g. POPE's coco_pope_*.json, TextVQA_0.5.1_val.json).",
     )
     parser.add_argument("--batch-size", type=int, default=1, help="Questions per generate call (default 1).")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="Answer length limit (LLaVA's default: 128).")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="Answer length limit (default: what LLaVA uses for the benchmark, 128 or 1024; 128 for --questions).",
+    )
     parser.add_argument("--limit", type=int, default=None, help="Only the first N questions (a quick check).")
     parser.add_argument("--model-id", default=None, help="`model_id` in the answer files (default: the model's name).")
     parser.add_argument("--device", default="auto", help="'auto' (GPU if available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    parser.add_argument("--no-plot", action="store_true", help="No summary.png.")
     return parser.parse_args(argv)
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    """Run (or resume) the evaluation described by parsed command-line `args`; return the summary it writes."""
-    if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
-        raise ValueError("--batch-size, --max-new-tokens and --limit must be at least 1.")
+@dataclass
+class Task:
+    """One question set to answer: a benchmark's, or a plain question file's (then `benchmark` is `None`)."""
+
+    name: str
+    questions: list[dict]
+    output_dir: Path
+    truths: list
+    max_new_tokens: int
+    benchmark: Benchmark | None = None
+
+
+def _tasks(args: argparse.Namespace) -> list[Task]:
+    output_dir = Path(args.output_dir)
+    if args.benchmark:
+        if args.image_folder or args.annotations:
+            raise ValueError(
+                "--image-folder and --annotations go with --questions: a --benchmark finds its images and ground "
+                "truth under --data-root."
+            )
+        tasks = []
+        for benchmark in get_benchmarks(args.benchmark, args.data_root):
+            questions = benchmark.load_questions()[: args.limit]
+            tasks.append(
+                Task(
+                    benchmark.name,
+                    questions,
+                    output_dir / benchmark.name,
+                    [None] * len(questions),
+                    args.max_new_tokens or benchmark.max_new_tokens,
+                    benchmark,
+                )
+            )
+        return tasks
+    if not args.image_folder:
+        raise ValueError("--questions needs --image-folder, the folder its `image` paths are relative to.")
+    questions = load_questions(args.questions, args.limit)
+    image_folder = Path(args.image_folder)
+    questions = [{**q, "prompt": q["text"], "image_path": image_folder / q["image"]} for q in questions]
+    truths = load_ground_truth(args.annotations, questions)
+    return [Task(Path(args.questions).name, questions, output_dir, truths, args.max_new_tokens or 128)]
+
+
+def evaluate(args: argparse.Namespace) -> list[dict]:
+    """
+    Run (or resume) the evaluation described by parsed command-line `args`; return the summaries written (one per
+    benchmark; empty in every process but the first when several run).
+    """
+    if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
+        raise ValueError("--batch-size and --max-new-tokens must be at least 1.")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be at least 1.")
     settings = [parse_setting(text) for text in args.settings]
     names = [setting.name for setting in settings]
     if len(set(names)) != len(names):
         raise ValueError(f"--settings names a setting twice: {names}.")
-    questions = load_questions(args.questions, args.limit)
-    check_images(questions, args.image_folder)
-    truths = load_ground_truth(args.annotations, questions)
+    tasks = _tasks(args)
+    for task in tasks:
+        check_images(task.questions)
+    processes = start_processes(args.device)
     model_id = args.model_id or Path(str(args.model).rstrip("/")).name
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    loaded: list = []
 
-    answer_files = {setting.name: AnswerFile(answer_file_path(output_dir, setting)) for setting in settings}
-    for setting in settings:
-        check_answer_file(answer_files[setting.name], model_id, setting)
-    model = processor = None
-    try:
+    def model_and_processor(warm_up_with: dict):
+        if not loaded:
+            model, processor = load_model_and_processor(args.model, processes.device, args.dtype)
+            # one untimed call first, so that one-off start-up costs (kernels, caches) stay out of the timings
+            image = _load_image(warm_up_with)
+            generate_answers(model, processor, [warm_up_with], None if image is None else [image], -1, 2)
+            loaded.extend((model, processor))
+        return loaded
+
+    summaries = []
+    for task in tasks:
+        task.output_dir.mkdir(parents=True, exist_ok=True)
         for setting in settings:
-            answer_file = answer_files[setting.name]
-            pending = answer_file.pending(questions)
-            if pending and model is None:
-                model, processor = load_model_and_processor(args.model, args.device, args.dtype)
-                # one untimed call first, so that one-off start-up costs (kernels, caches) stay out of the timings
-                image = _load_image(Path(args.image_folder), pending[0])
-                generate_answers(model, processor, pending[:1], [image], setting.trim_ratio, max_new_tokens=2)
-            run_setting(
-                model,
-                processor,
-                questions,
-                args.image_folder,
-                setting,
-                answer_file,
-                model_id,
-                batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens,
-                progress=not args.no_progress,
-            )
-    finally:
-        for answer_file in answer_files.values():
-            answer_file.close()
+            answer_setting(task, setting, processes, model_and_processor, model_id, args)
+        processes.wait_for_everyone()
+        if processes.rank == 0:
+            summaries.append(summarize_task(task, settings, model_id, args))
+    return summaries
 
-    summaries = [summarize_setting(s, questions, answer_files[s.name].records, truths) for s in settings]
+
+def answer_setting(task: Task, setting: Setting, processes: Processes, model_and_processor, model_id: str, args):
+    """Answer the questions of `task` not yet answered with `setting`, this process its share, then merge (first
+    process) every answer into the answer file, in question order."""
+    processes.wait_for_everyone()  # every process reads the same answers ...
+    records, _ = read_answers(task.output_dir, setting)
+    check_answers(records, model_id, setting, task.output_dir)
+    pending = pending_questions(records, task.questions)
+    processes.wait_for_everyone()  # ... before any writes
+    mine = processes.my_share(pending)
+    if processes.world_size > 1:
+        print(
+            f"[process {processes.rank} of {processes.world_size}] {task.name}, TRIM {setting.name}: answering "
+            f"{len(mine)} of the {len(pending)} unanswered questions on {processes.device}",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        if mine:
+            model, processor = model_and_processor(warm_up_with=mine[0])
+            with AnswerFile(part_file_path(task.output_dir, setting, processes.rank)) as part:
+                run_setting(
+                    model,
+                    processor,
+                    mine,
+                    setting,
+                    part,
+                    model_id,
+                    batch_size=args.batch_size,
+                    max_new_tokens=task.max_new_tokens,
+                    progress=not args.no_progress,
+                )
+    except KeyboardInterrupt:
+        if processes.world_size == 1:  # alone, the answers so far can be merged safely
+            merge_answers(task.output_dir, setting, task.questions)
+        raise
+    processes.wait_for_everyone()
+    if processes.rank == 0:
+        merge_answers(task.output_dir, setting, task.questions)
+
+
+def check_answers(records: Sequence[dict], model_id: str, setting: Setting, output_dir: Path) -> None:
+    """Refuse to resume from answers another model or another setting wrote."""
+    for record in records:
+        written_setting = (record.get("metadata") or {}).get("setting")
+        if record.get("model_id") != model_id or written_setting != setting.name:
+            raise ValueError(
+                f"{answer_file_path(output_dir, setting)} (or a part file beside it) holds answers of model "
+                f"{record.get('model_id')!r} with setting {written_setting!r}, not of {model_id!r} with setting "
+                f"{setting.name!r}. Use another --output-dir, or delete the files to start over."
+            )
+
+
+def summarize_task(task: Task, settings: Sequence[Setting], model_id: str, args: argparse.Namespace) -> dict:
+    """Score every setting's answers, write the benchmark's official files, `summary.json` and `summary.png`."""
+    summaries = []
+    for setting in settings:
+        path = answer_file_path(task.output_dir, setting)
+        records = AnswerFile(path).records if path.exists() else []
+        summary = summarize_setting(setting, task.questions, records, task.truths)
+        if task.benchmark is not None:
+            answered = [record for record in answers_for_questions(records, task.questions) if record is not None]
+            summary["scoring"] = task.benchmark.scoring
+            summary["score"] = task.benchmark.score(answered, task.questions) if answered else None
+            written = task.benchmark.write_outputs(answered, task.questions, task.output_dir, setting.name)
+            summary["official_files"] = [str(path) for path in written]
+        summaries.append(summary)
     summary = {
         "model": str(args.model),
         "model_id": model_id,
-        "questions": str(args.questions),
-        "num_questions": len(questions),
-        "num_with_ground_truth": sum(truth is not None for truth in truths),
+        "benchmark": task.benchmark.name if task.benchmark is not None else None,
+        "questions": str(task.benchmark.question_path if task.benchmark is not None else args.questions),
+        "num_questions": len(task.questions),
+        "num_with_ground_truth": sum(truth is not None for truth in task.truths),
         "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens,
-        "answer_files": {name: str(answer_files[name].path) for name in names},
+        "max_new_tokens": task.max_new_tokens,
+        "answer_files": {s.name: str(answer_file_path(task.output_dir, s)) for s in settings},
         "settings": summaries,
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (task.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if args.no_plot:
+        return summary
     try:
-        plot_summary(summaries, output_dir / "summary.png", title=f"{model_id} on {Path(args.questions).name}")
+        plot_summary(summaries, task.output_dir / "summary.png", title=f"{model_id} on {task.name}")
     except ImportError:
         print("matplotlib is not installed: no plot (pip install 'llava-trim[plot]').", file=sys.stderr)
     return summary
@@ -887,27 +1078,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; see `--help`."""
     args = parse_args(argv)
     try:
-        summary = evaluate(args)
+        summaries = evaluate(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nInterrupted. The answers written so far are in {args.output_dir}: run the same command to resume.")
         return 130
-    print(format_summary_table(summary["settings"]))
-    print(f"Wrote {args.output_dir}/summary.json and summary.png")
+    for summary in summaries:
+        if summary["benchmark"]:
+            print(f"== {summary['benchmark']}")
+        print(format_summary_table(summary["settings"]))
+        for setting in summary["settings"]:
+            if setting.get("score"):
+                print(f"{setting['setting']}: {_headline(setting['score'])}")
+    if summaries:
+        print(f"Wrote answer files and summaries under {args.output_dir}")
     return 0
+
+
+def _headline(score: dict) -> str:
+    """The top-level numbers of a benchmark score, for the terminal."""
+    return ", ".join(f"{key} {value:.4g}" for key, value in score.items() if isinstance(value, float | int))
 
 
 __all__ = [
     "AnswerFile",
+    "Processes",
     "Setting",
     "evaluate",
     "load_ground_truth",
     "load_questions",
+    "merge_answers",
     "normalize_answer",
     "parse_setting",
     "parse_yes_no",
+    "start_processes",
     "summarize_setting",
     "vqa_accuracy",
     "yes_no_metrics",
