@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         message, status = describe_os_error(error), 1
     except Exception as error:
         logger.debug("Conversion failed", exc_info=True)
-        message, status = f"unexpected {type(error).__name__}: {error}. Nothing was written.", 1
+        message, status = f"unexpected {type(error).__name__}: {str(error).rstrip('.')}. Nothing was written.", 1
     else:
         return 0
     print(f"error: {' '.join(message.split())}", file=sys.stderr)

@@ -884,6 +884,8 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
         `trim_selection`. A cache returned by an earlier call continues a chat when its images' selection is the
         same; one built from another selection is refused.
         """
+        if isinstance(trim_ratio, (list, tuple)):
+            trim_ratio = _one_trim_ratio(trim_ratio)
         if trim_ratio is not FROM_CONFIG:
             check_trim_ratio(trim_ratio)  # also when there is no image
         if pixel_values is None:
@@ -947,6 +949,16 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
 # ---------------------------------------------------------------------------------------------------------------------
 # Generation helpers: lengths in the caller's coordinates, caches that carry a selection
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def _one_trim_ratio(trim_ratios: list | tuple) -> float | None:
+    """The one `trim_ratio` of a batch that a pipeline collated from its items' processor outputs (one per item)."""
+    if len(trim_ratios) == 0 or any(ratio != trim_ratios[0] for ratio in trim_ratios):
+        raise ValueError(
+            f"`trim_ratio` must be one value for the whole call, got {list(trim_ratios)!r}: a batch runs with one "
+            "TRIM mode, so call separately for each `trim_ratio`."
+        )
+    return trim_ratios[0]
 
 
 def _lengths_in_compacted_prompt(

@@ -52,6 +52,7 @@ def verify_output(plan: ConversionPlan, folder: Path) -> dict:
                 raise ConversionError(f"Verification failed: the loaded model's {name} differs from the file.")
     print("verify: loads with AutoModelForImageTextToText + trust_remote_code: no missing or unexpected weights")
 
+    require_saved_clip_tokenizer(folder)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     check_saved_clip_tokenizer(plan, folder, processor)
     print(f"verify: the CLIP tokenizer gives back {ROUND_TRIP_QUESTION!r}")
@@ -93,15 +94,19 @@ def check_tensors(plan: ConversionPlan, folder: Path) -> int:
     return cast
 
 
-def check_saved_clip_tokenizer(plan: ConversionPlan, folder: Path, processor) -> None:
-    """The saved `clip_tokenizer/` is complete, round-trips a question and encodes it as `--clip`'s tokenizer."""
+def require_saved_clip_tokenizer(folder: Path) -> None:
+    """The saved `clip_tokenizer/` holds the files the processor needs to tokenise TRIM's questions."""
     require_files(
         folder / "clip_tokenizer",
         "Verification failed:",
         "saved CLIP tokenizer",
         CLIP_TOKENIZER_FILES,
-        fix="The processor would read questions with the Llama tokenizer: convert again.",
+        fix="The processor could not tokenise TRIM's questions: convert again.",
     )
+
+
+def check_saved_clip_tokenizer(plan: ConversionPlan, folder: Path, processor) -> None:
+    """The saved `clip_tokenizer/` round-trips a question and encodes it as `--clip`'s tokenizer."""
     check_clip_tokenizer(processor.clip_tokenizer, f"the output's clip_tokenizer/ ({folder})")
     if (
         processor.clip_tokenizer(ROUND_TRIP_QUESTION)["input_ids"]

@@ -639,6 +639,8 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
     results["top_level_ratio"] = [
         run(chat, return_full_text=False, trim_ratio=0.25)[0]["generated_text"] for chat in (first, second)
     ]
+    batched_top_level = run([first, second], return_full_text=False, batch_size=2, trim_ratio=0.25)
+    results["batched_top_level_ratio"] = [item[0]["generated_text"] for item in batched_top_level]
     prompt = processor.apply_chat_template(first, add_generation_prompt=True)
     results["prompt"] = prompt
     results["images_text"] = pipe(images=image, text=prompt, max_new_tokens=4, return_full_text=False)[0][
@@ -722,6 +724,7 @@ def test_pipeline_in_fresh_process(fresh_process):
     assert [text.strip() for text in fresh_process["batched"]] == direct["0.25"]  # generate_kwargs reach generate
     # `trim_ratio=` at the top level of a pipeline call gives what `generate_kwargs={"trim_ratio": ...}` gives
     assert fresh_process["top_level_ratio"] == fresh_process["batched"]
+    assert fresh_process["batched_top_level_ratio"] == fresh_process["batched"]  # one ratio per item, collated
     assert fresh_process["images_text_ratio"].endswith(direct["0.25"][0])
     assert direct["0.25"] != direct["auto"]  # the two modes answer differently on this tiny model: the test can fail
     assert "trim_ratio" in fresh_process["bad_ratio"] and "trim_ratio" in fresh_process["bad_top_level_ratio"]
