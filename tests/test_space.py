@@ -12,7 +12,7 @@ pytest.importorskip("gradio")
 # Gradio's queue calls pandas APIs that pandas 3 deprecates; not this project's to fix
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
 
-from llava_trim.tools.space import APP_MODULES, PACKAGE, main, write_space  # noqa: E402
+from llava_trim.tools.space import PACKAGE, PACKAGE_MODULES, TOOLS_MODULES, main, write_space  # noqa: E402
 from llava_trim.tools.tiny import tiny_model  # noqa: E402
 from llava_trim.tools.tiny_tokenizers import build_tiny_processor  # noqa: E402
 
@@ -38,7 +38,8 @@ def test_space_folder(tmp_path):
     assert any(line.startswith("transformers") for line in requirements)
     assert any(line.startswith("torch") for line in requirements)
     assert not any("gradio" in line for line in requirements)  # the Space installs its sdk_version
-    assert sorted(path.name for path in (folder / PACKAGE).iterdir()) == sorted(["__init__.py", *APP_MODULES])
+    assert sorted(path.name for path in (folder / PACKAGE).iterdir()) == sorted([*PACKAGE_MODULES, "tools"])
+    assert sorted(path.name for path in (folder / PACKAGE / "tools").iterdir()) == sorted(TOOLS_MODULES)
     assert "your-name/llava-v1.5-7b-trim" in (folder / "app.py").read_text()
     assert not [path.name for path in tmp_path.iterdir() if path.name != "space"]  # no staging folder left
 
@@ -96,6 +97,6 @@ def test_space_app_starts_and_answers(tmp_path):
         server.terminate()
         server.wait(timeout=30)
     # the page ran from the copied modules, not from the installed package
-    check = "import llava_trim_app.app as app; print(app.__file__)"
+    check = "import llava_trim.tools.app as app; print(app.__file__)"
     printed = subprocess.run([sys.executable, "-c", check], cwd=folder, capture_output=True, text=True, check=True)
-    assert printed.stdout.strip() == str(folder / PACKAGE / "app.py")
+    assert printed.stdout.strip() == str(folder / PACKAGE / "tools" / "app.py")

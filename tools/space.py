@@ -8,7 +8,7 @@ hf upload your-name/llava-trim-demo llava-trim-space --repo-type space
 
 The folder holds `app.py` (starts the page on the model), `requirements.txt` (this package's runtime
 dependencies; the Space provides Gradio itself, at the README's `sdk_version`), `README.md` with the Space metadata
-(`sdk: gradio`, `app_file: app.py`, ...) and `llava_trim_app/`, a copy of the app's modules, so the Space needs
+(`sdk: gradio`, `app_file: app.py`, ...) and `llava_trim/`, a copy of the modules the page uses, so the Space needs
 nothing that is not on PyPI. The model is downloaded by the Space from the Hub: push it first
 (`convert_checkpoint.py --push-to-hub`). A 7B model needs a GPU Space (`--hardware`, e.g. `t4-medium`).
 """
@@ -25,16 +25,19 @@ from pathlib import Path
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-PACKAGE = "llava_trim_app"
-# The app's modules, copied into the Space (`app.py` imports `visualize.py`, and `demo.py` draws the examples).
-APP_MODULES = ("app.py", "visualize.py", "demo.py")
+PACKAGE = "llava_trim"
 TOOLS_FOLDER = Path(__file__).resolve().parent
+PACKAGE_FOLDER = TOOLS_FOLDER.parent
+# What the page imports, copied into the Space as the `llava_trim` package: the model's three files and the tools
+# the page uses (`visualize.py` draws the heatmap with the processor's image path, `demo.py` draws the examples).
+PACKAGE_MODULES = ("__init__.py", "configuration_llava_trim.py", "modeling_llava_trim.py", "processing_llava_trim.py")
+TOOLS_MODULES = ("__init__.py", "app.py", "visualize.py", "demo.py", "tiny_tokenizers.py")
 
 SPACE_APP = '''"""Hugging Face Space: the LLaVA-TRIM page on {model}."""
 
 import sys
 
-from {package}.app import main
+from {package}.tools.app import main
 
 MODEL = {model!r}
 
@@ -144,10 +147,11 @@ def write_space(
             )
         )
         package = staging / PACKAGE
-        package.mkdir()
-        (package / "__init__.py").write_text('"""The LLaVA-TRIM Gradio page (copied from llava_trim.tools)."""\n')
-        for module in APP_MODULES:
-            shutil.copyfile(TOOLS_FOLDER / module, package / module)
+        (package / "tools").mkdir(parents=True)
+        for module in PACKAGE_MODULES:
+            shutil.copyfile(PACKAGE_FOLDER / module, package / module)
+        for module in TOOLS_MODULES:
+            shutil.copyfile(TOOLS_FOLDER / module, package / "tools" / module)
         if output.exists():
             shutil.rmtree(output)
         os.replace(staging, output)
