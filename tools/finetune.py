@@ -347,11 +347,13 @@ class LlavaTrimDataCollator:
 def configure_trainable_parameters(model, train_language_model: bool = True, train_projector: bool = True) -> int:
     """Freeze the model except the multimodal projector and the language model (LLaVA-1.5's fine-tuning recipe).
 
-    The CLIP vision tower, the CLIP text tower and CLIP's projections (TRIM's scorer) stay frozen: TRIM's choice is a
-    hard selection that no gradient flows through, and the scorer must keep matching the vision features it was
-    trained with. Returns the number of trainable parameters.
+    The CLIP vision tower, the CLIP text tower and CLIP's projections (`model.trim_scorer`, TRIM's scorer) are frozen
+    here, explicitly (a loaded model has every parameter trainable, as transformers models do), and so is anything
+    else that is neither the projector nor the language model. TRIM's choice is a hard selection that no gradient
+    flows through, and the scorer must keep matching the vision features it was trained with. Returns the number of
+    trainable parameters.
     """
-    model.requires_grad_(False)
+    model.requires_grad_(False)  # the CLIP vision tower and `trim_scorer` stay so; the rest is switched on below
     model.model.multi_modal_projector.requires_grad_(train_projector)
     model.model.language_model.requires_grad_(train_language_model)
     model.lm_head.requires_grad_(train_language_model)
