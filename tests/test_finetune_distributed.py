@@ -1,0 +1,156 @@
+"""Fine-tuning on several processes: 2 CPU processes (gloo) under torchrun and accelerate launch give what 1 process
+gives with the same global batch; the shipped DeepSpeed and FSDP configs load."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from test_finetune import data_dir, preprocessing  # noqa: F401 (fixtures)
+
+from llava_trim.tools.tiny import tiny_model
+
+RUNNER = textwrap.dedent(
+    """
+    import json, sys, torch
+    from llava_trim.tools.finetune import main
+
+    trainer = main(sys.argv[2:])
+    rank = trainer.args.process_index
+    state = {name: tensor.detach().cpu() for name, tensor in trainer.model.state_dict().items()}
+    torch.save(
+        {"state": state, "world_size": trainer.args.world_size, "log": trainer.state.log_history},
+        f"{sys.argv[1]}/rank{rank}.pt",
+    )
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, preprocessing):  # noqa: F811
+    from llava_trim.processing_llava_trim import LlavaTrimProcessor
+
+    root = tmp_path_factory.mktemp("model")
+    tiny_model(seed=0).save_pretrained(root)
+    LlavaTrimProcessor(
+        preprocessing["image_processor"], preprocessing["tokenizer"], preprocessing["clip_tokenizer"]
+    ).save_pretrained(root)
+    return root
+
+
+def _launch(launcher: list[str], tmp_path: Path, model_dir: Path, data_dir: Path, *args: str) -> dict:  # noqa: F811
+    """Run the finetune tool through `launcher`; returns each rank's final weights and logs, and the output."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER)
+    output = tmp_path / "finetuned"
+    command = launcher + [str(runner), str(tmp_path)]
+    command += ["--model", str(model_dir), "--data", str(data_dir / "data.json")]
+    command += ["--image-folder", str(data_dir / "images"), "--output", str(output)]
+    command += ["--max-steps", "3", "--learning-rate", "1e-3", "--warmup-ratio", "0", "--logging-steps", "1"]
+    command += list(args)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    ranks = [torch.load(path, weights_only=True) for path in sorted(tmp_path.glob("rank*.pt"))]
+    return {"ranks": ranks, "stdout": run.stdout, "output": output}
+
+
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+    # on a machine without GPUs, `--multi_gpu` only picks accelerate's multi-process launcher (`--cpu
+    # --num_processes 2` would start one process); the Trainer then runs on CPU over gloo
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"],
+}
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, model_dir, data_dir):  # noqa: F811
+    tmp_path = tmp_path_factory.mktemp("single")
+    return _launch([sys.executable], tmp_path, model_dir, data_dir, "--batch-size", "2")
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_train_as_one_process_with_the_same_global_batch(
+    launcher,
+    tmp_path,
+    model_dir,
+    data_dir,  # noqa: F811
+    single_process,
+):
+    two = _launch(LAUNCHERS[launcher], tmp_path, model_dir, data_dir, "--batch-size", "1")
+    assert [rank["world_size"] for rank in two["ranks"]] == [2, 2]
+    assert [rank["world_size"] for rank in single_process["ranks"]] == [1]
+
+    # every rank ends with the same weights, and they are the one-process run's weights
+    first, second = (rank["state"] for rank in two["ranks"])
+    reference = single_process["ranks"][0]["state"]
+    initial = tiny_model(seed=0).state_dict()
+    assert first.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(first[name], second[name]), name
+        torch.testing.assert_close(first[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        frozen = name.startswith(("model.vision_tower.", "model.trim_scorer."))
+        assert torch.equal(tensor, initial[name]) == frozen, name
+
+    # the loss is weighted by answer tokens over both processes, as one process weights its batch
+    losses = [[entry["loss"] for entry in run["ranks"][0]["log"] if "loss" in entry] for run in (two, single_process)]
+    assert len(losses[0]) == len(losses[1]) == 3
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+    # one process wrote the output, and it is what the ranks trained
+    assert two["stdout"].count("saved the fine-tuned model") == 1
+    assert (two["output"] / "modeling_llava_trim.py").is_file()
+    from safetensors.torch import load_file
+
+    saved = load_file(two["output"] / "model.safetensors")
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, first[name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DeepSpeed and FSDP configs
+# ---------------------------------------------------------------------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_configs_leave_the_recipe_to_the_trainer(stage):
+    """The shipped ZeRO configs parse, use the stage they are named after, and take batch sizes, learning rate and
+    precision from the Trainer's arguments ("auto"), so `--recipe` and flags stay the one source of them."""
+    config = json.loads((CONFIGS / f"deepspeed_zero{stage}.json").read_text())
+    assert config["zero_optimization"]["stage"] == stage
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        assert config[key] == "auto", key
+    assert config["bf16"]["enabled"] == "auto" and config["fp16"]["enabled"] == "auto"
+    assert config["gradient_clipping"] == "auto"
+    if stage == 3:
+        # the Trainer gathers the sharded weights when it saves
+        assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_fsdp_config_loads_into_training_arguments():
+    from transformers import TrainingArguments
+
+    from llava_trim.tools.finetune import parse_args
+
+    common = ["--model", "m", "--data", "d.json", "--output", "o"]
+    args = parse_args(common + ["--fsdp", "full_shard auto_wrap", "--fsdp-config", "full_shard"])
+    assert args.fsdp_config == str(CONFIGS / "fsdp_full_shard.json")
+    assert parse_args(common + ["--deepspeed", "zero3"]).deepspeed == str(CONFIGS / "deepspeed_zero3.json")
+    with pytest.raises(SystemExit):
+        parse_args(common + ["--deepspeed", "zero4"])  # neither a shipped name nor a file
+    training_args = TrainingArguments(
+        "out", fsdp=args.fsdp, fsdp_config=args.fsdp_config, use_cpu=True, report_to="none"
+    )
+    config = training_args.fsdp_config
+    # the frozen CLIP towers and TRIM's scorer sit in the same wrapped units as trained weights only with
+    # per-parameter sharding (FSDP 2) or `use_orig_params`
+    assert config["version"] == 2 or config["use_orig_params"] is True
+    assert "LlamaDecoderLayer" in config["transformer_layer_cls_to_wrap"]
