@@ -1,6 +1,7 @@
 """Fine-tuning on several processes: 2 CPU processes (gloo) under torchrun and accelerate launch give what 1 process
 gives with the same global batch; the shipped DeepSpeed and FSDP configs load."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -113,6 +114,36 @@ def test_two_processes_train_as_one_process_with_the_same_global_batch(
         assert torch.equal(tensor, first[name]), name
 
 
+def _compare_with_single_process(run: dict, single_process: dict, sharded: bool = False) -> None:
+    reference = single_process["ranks"][0]["state"]
+    for rank in [] if sharded else run["ranks"]:  # a sharded model's state on one rank is that rank's shard
+        for name, tensor in rank["state"].items():
+            torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+    from safetensors.torch import load_file
+
+    saved = load_file(run["output"] / "model.safetensors")
+    assert saved.keys() == reference.keys()
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs `pip install deepspeed`")
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_deepspeed_on_two_processes_trains_as_one_process(config, tmp_path, model_dir, data_dir, single_process):  # noqa: F811
+    """DeepSpeed runs on CPU too (its CPU accelerator): ZeRO-2 and ZeRO-3 with the shipped configs end where one
+    process without DeepSpeed ends, and the saved model (ZeRO-3's shards gathered) holds those weights."""
+    run = _launch(LAUNCHERS["torchrun"], tmp_path, model_dir, data_dir, "--batch-size", "1", "--deepspeed", config)
+    assert [rank["world_size"] for rank in run["ranks"]] == [2, 2]
+    assert run["stdout"].count("saved the fine-tuned model") == 1
+    _compare_with_single_process(run, single_process, sharded=config == "zero3")
+
+
+def test_fsdp_refuses_to_fall_back_to_plain_data_parallelism(tmp_path, model_dir, data_dir):  # noqa: F811
+    """accelerate shards with FSDP on accelerators only; on CPU the tool says so instead of silently not sharding."""
+    with pytest.raises(AssertionError, match="the Trainer did not shard the model"):
+        _launch([sys.executable], tmp_path, model_dir, data_dir, "--fsdp", "full_shard")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # DeepSpeed and FSDP configs
 # ---------------------------------------------------------------------------------------------------------------------
@@ -141,14 +172,12 @@ def test_fsdp_config_loads_into_training_arguments():
     from llava_trim.tools.finetune import parse_args
 
     common = ["--model", "m", "--data", "d.json", "--output", "o"]
-    args = parse_args(common + ["--fsdp", "full_shard auto_wrap", "--fsdp-config", "full_shard"])
-    assert args.fsdp_config == str(CONFIGS / "fsdp_full_shard.json")
+    args = parse_args(common + ["--fsdp", "full_shard"])
+    assert args.fsdp == str(CONFIGS / "fsdp_full_shard.json")
     assert parse_args(common + ["--deepspeed", "zero3"]).deepspeed == str(CONFIGS / "deepspeed_zero3.json")
     with pytest.raises(SystemExit):
         parse_args(common + ["--deepspeed", "zero4"])  # neither a shipped name nor a file
-    training_args = TrainingArguments(
-        "out", fsdp=args.fsdp, fsdp_config=args.fsdp_config, use_cpu=True, report_to="none"
-    )
+    training_args = TrainingArguments("out", fsdp=True, fsdp_config=args.fsdp, use_cpu=True, report_to="none")
     config = training_args.fsdp_config
     # the frozen CLIP towers and TRIM's scorer sit in the same wrapped units as trained weights only with
     # per-parameter sharding (FSDP 2) or `use_orig_params`

@@ -439,12 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fsdp",
         default=None,
-        help="Trainer's FSDP option, e.g. 'full_shard auto_wrap' (with --fsdp-config full_shard: configs/).",
-    )
-    parser.add_argument(
-        "--fsdp-config",
-        default=None,
-        help=f"FSDP config: {' or '.join(FSDP_CONFIGS)} (shipped in configs/) or a JSON file.",
+        help=f"Fully sharded data parallel with this FSDP config: {' or '.join(FSDP_CONFIGS)} (shipped in configs/) "
+        "or a JSON file of the Trainer's `fsdp_config`.",
     )
     parser.add_argument("--tokenizer", default=None, help="Llama tokenizer folder, when --model has no processor.")
     parser.add_argument("--clip-tokenizer", default=None, help="CLIP tokenizer folder, when --model has no processor.")
@@ -470,8 +466,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.gradient_accumulation_steps = gradient_accumulation_steps(args, world_size())
         if args.deepspeed is not None:
             args.deepspeed = config_path(args.deepspeed, DEEPSPEED_CONFIGS)
-        if args.fsdp_config is not None:
-            args.fsdp_config = config_path(args.fsdp_config, FSDP_CONFIGS)
+        if args.fsdp is not None:
+            args.fsdp = config_path(args.fsdp, FSDP_CONFIGS)
     except ValueError as error:
         parser.error(str(error))
     if args.deepspeed is not None and args.fsdp is not None:
@@ -640,8 +636,8 @@ def train(args: argparse.Namespace, callbacks: Sequence | None = None):
         seed=args.seed,
         use_cpu=not _accelerator_available(),
         deepspeed=args.deepspeed,
-        fsdp=args.fsdp or "",
-        fsdp_config=args.fsdp_config,
+        fsdp=args.fsdp is not None,
+        fsdp_config=args.fsdp,
     )
     if world_size() > 1 and training_args.world_size != world_size():
         raise RuntimeError(
@@ -667,6 +663,14 @@ def train(args: argparse.Namespace, callbacks: Sequence | None = None):
         callbacks=list(callbacks or []),
         group_by_modality_length=args.group_by_modality_length,
     )
+    if args.fsdp is not None and not trainer.is_fsdp_enabled:
+        raise RuntimeError(
+            "--fsdp: the Trainer did not shard the model: accelerate runs FSDP on GPUs (or other accelerators) with "
+            "several processes only. Launch with torchrun / accelerate launch on GPUs, or drop --fsdp for plain data "
+            "parallelism."
+        )
+    if args.deepspeed is not None and not trainer.is_deepspeed_enabled:
+        raise RuntimeError("--deepspeed: the Trainer did not start DeepSpeed; is `deepspeed` installed?")
     resume = args.resume
     if resume is True and not any(Path(training_args.output_dir).glob("checkpoint-*")):
         raise FileNotFoundError(
