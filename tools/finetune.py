@@ -588,36 +588,14 @@ def train(args: argparse.Namespace, callbacks: Sequence | None = None):
     else:
         collator = LlavaTrimDataCollator(tokenizer, clip_tokenizer, image_processor, **collator_kwargs)
 
-    # LoRA keeps the frozen base in bfloat16; full fine-tuning keeps float32 master weights under mixed precision
-    dtype = torch.bfloat16 if args.bf16 and args.lora else torch.float32
-    model_kwargs = {"dtype": dtype, "trust_remote_code": True}
-    if args.attn_implementation:
-        model_kwargs["attn_implementation"] = args.attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(args.model, **model_kwargs)
-    if args.trim_ratio != "config":
-        model.config.trim_ratio = args.trim_ratio
-    model.config.use_cache = False
-    collator.image_seq_length = model.config.image_seq_length
-    if collator.image_token_id != model.config.image_token_id:
-        raise ValueError(
-            f"The tokenizer's {collator.image_token!r} is id {collator.image_token_id} but the model expects "
-            f"{model.config.image_token_id}: use the tokenizer saved with the model."
-        )
-
-    if args.lora:
-        model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, not args.freeze_language_model)
-        learning_rate = args.learning_rate or 2e-4
-    else:
-        configure_trainable_parameters(model, train_language_model=not args.freeze_language_model)
-        learning_rate = args.learning_rate or 2e-5
-
+    # the Trainer's arguments come first: with DeepSpeed ZeRO-3 they make `from_pretrained` load the weights sharded
     training_args = TrainingArguments(
         output_dir=str(output / "checkpoints"),
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=learning_rate,
+        learning_rate=args.learning_rate or (2e-4 if args.lora else 2e-5),
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_ratio,  # a number below 1 is a fraction of the training steps
         lr_scheduler_type=args.lr_scheduler,
@@ -639,14 +617,39 @@ def train(args: argparse.Namespace, callbacks: Sequence | None = None):
         fsdp=args.fsdp is not None,
         fsdp_config=args.fsdp,
     )
+    if args.deepspeed is not None:
+        import deepspeed
+
+        deepspeed.init_distributed()  # joins the process group (accelerate does so itself on GPUs, not on CPU)
+    # LoRA keeps the frozen base in bfloat16; full fine-tuning keeps float32 master weights under mixed precision
+    dtype = torch.bfloat16 if args.bf16 and args.lora else torch.float32
+    model_kwargs = {"dtype": dtype, "trust_remote_code": True}
+    if args.attn_implementation:
+        model_kwargs["attn_implementation"] = args.attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(args.model, **model_kwargs)
+    if args.trim_ratio != "config":
+        model.config.trim_ratio = args.trim_ratio
+    model.config.use_cache = False
+    collator.image_seq_length = model.config.image_seq_length
+    if collator.image_token_id != model.config.image_token_id:
+        raise ValueError(
+            f"The tokenizer's {collator.image_token!r} is id {collator.image_token_id} but the model expects "
+            f"{model.config.image_token_id}: use the tokenizer saved with the model."
+        )
+
+    if args.lora:
+        model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, not args.freeze_language_model)
+    else:
+        configure_trainable_parameters(model, train_language_model=not args.freeze_language_model)
+
     if world_size() > 1 and training_args.world_size != world_size():
         raise RuntimeError(
             f"Launched as {world_size()} processes but the Trainer runs as {training_args.world_size}: launch with "
             "torchrun or `accelerate launch --multi_gpu` so that the processes form one group."
         )
     if training_args.process_index == 0:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: ds_numel
+        trainable, total = sum(size for size, trained in sizes if trained), sum(size for size, _ in sizes)
         print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
         per_step = training_args.world_size * args.batch_size * args.gradient_accumulation_steps
         print(

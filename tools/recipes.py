@@ -37,7 +37,11 @@ RECIPES: dict[str, dict] = {
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # short names for the DeepSpeed and FSDP configs shipped in `configs/`
-DEEPSPEED_CONFIGS = {"zero2": "deepspeed_zero2.json", "zero3": "deepspeed_zero3.json"}
+DEEPSPEED_CONFIGS = {
+    "zero2": "deepspeed_zero2.json",
+    "zero3": "deepspeed_zero3.json",
+    "zero3_offload": "deepspeed_zero3_offload.json",  # optimiser state and parameters in CPU memory: one GPU
+}
 FSDP_CONFIGS = {"full_shard": "fsdp_full_shard.json"}
 
 
