@@ -9,13 +9,17 @@ Data is LLaVA's conversation JSON (a list of records, or one record per line):
                     {"from": "gpt", "value": "A bowl of fruit."}]}]
 ```
 
-Reading order: the prompt ([`build_vicuna_v1_prompt`]), the dataset ([`LlavaConversationDataset`]), the collator
-([`LlavaTrimDataCollator`]: prompt -> token ids, labels, pixels and TRIM's question), what is trained
-([`configure_trainable_parameters`], [`apply_lora`]), then the command line ([`main`]).
+Reading order: the prompt ([`build_vicuna_v1_prompt`]), the collator ([`LlavaTrimDataCollator`]: prompt -> token
+ids, labels, pixels and TRIM's question), what is trained ([`configure_trainable_parameters`], [`apply_lora`]), the
+Trainer ([`LlavaTrimTrainer`]), then the command line ([`parse_args`], [`train`]). The dataset, bad-sample skipping and
+modality grouping are in `training_data`, the `--recipe` presets and DeepSpeed/FSDP configs in `recipes`.
 
 ```bash
 python -m llava_trim.tools.finetune --model llava-v1.5-7b-trim --data llava_v1_5_mix665k.json \
     --image-folder data/ --output llava-trim-ft --lora --bf16 --gradient-checkpointing
+# the TRIM paper's recipe on 8 GPUs
+torchrun --nproc_per_node 8 -m llava_trim.tools.finetune --recipe llava-v1.5 --deepspeed zero3 \
+    --model llava-v1.5-7b-trim-init --data llava_v1_5_mix665k.json --image-folder data/ --output llava-trim-ft
 ```
 """
 
