@@ -143,7 +143,7 @@ def test_deepspeed_on_two_processes_trains_as_one_process(config, tmp_path, mode
 def test_fsdp_refuses_to_fall_back_to_plain_data_parallelism(tmp_path, model_dir, data_dir):  # noqa: F811
     """accelerate shards with FSDP on accelerators only; on CPU the tool says so instead of silently not sharding."""
     with pytest.raises(AssertionError, match="the Trainer did not shard the model"):
-        _launch([sys.executable], tmp_path, model_dir, data_dir, "--fsdp", "full_shard")
+        _launch(LAUNCHERS["torchrun"], tmp_path, model_dir, data_dir, "--batch-size", "1", "--fsdp", "full_shard")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
