@@ -612,6 +612,8 @@ def train(args: argparse.Namespace, callbacks: Sequence | None = None):
         activation_checkpointing=args.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         dataloader_num_workers=args.num_workers,
+        # a text-only batch leaves the projector without gradient on its process; DDP must look for that
+        ddp_find_unused_parameters=True,
         remove_unused_columns=False,  # the collator needs the raw records
         label_names=["labels"],
         report_to="none",
