@@ -293,7 +293,7 @@ def _mean_loss(model, batch) -> float:
 
 
 def test_default_freezing_trains_projector_and_language_model_only():
-    model = tiny_model(seed=0)
+    model = tiny_model(seed=0).requires_grad_(True)  # as a loaded transformers model is: nothing frozen
     trainable = configure_trainable_parameters(model)
     for name, parameter in model.named_parameters():
         expected = name.startswith(("model.multi_modal_projector.", "model.language_model.", "lm_head."))

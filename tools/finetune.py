@@ -9,24 +9,29 @@ Data is LLaVA's conversation JSON (a list of records, or one record per line):
                     {"from": "gpt", "value": "A bowl of fruit."}]}]
 ```
 
-Reading order: the prompt ([`build_vicuna_v1_prompt`]), the dataset ([`LlavaConversationDataset`]), the collator
-([`LlavaTrimDataCollator`]: prompt -> token ids, labels, pixels and TRIM's question), what is trained
-([`configure_trainable_parameters`], [`apply_lora`]), then the command line ([`main`]).
+Reading order: the prompt ([`build_vicuna_v1_prompt`]), the collator ([`LlavaTrimDataCollator`]: prompt -> token
+ids, labels, pixels and TRIM's question), what is trained ([`configure_trainable_parameters`], [`apply_lora`]), the
+Trainer ([`LlavaTrimTrainer`]), then the command line ([`parse_args`], [`train`]). The dataset, bad-sample skipping and
+modality grouping are in `training_data`, the `--recipe` presets and DeepSpeed/FSDP configs in `recipes`.
 
 ```bash
 python -m llava_trim.tools.finetune --model llava-v1.5-7b-trim --data llava_v1_5_mix665k.json \
     --image-folder data/ --output llava-trim-ft --lora --bf16 --gradient-checkpointing
+# the TRIM paper's recipe on 8 GPUs
+torchrun --nproc_per_node 8 -m llava_trim.tools.finetune --recipe llava-v1.5 --deepspeed zero3 \
+    --model llava-v1.5-7b-trim-init --data llava_v1_5_mix665k.json --image-folder data/ --output llava-trim-ft
 ```
 """
 
 import argparse
-import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import Trainer
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from ..configuration_llava_trim import check_trim_ratio
@@ -35,8 +40,9 @@ from ..processing_llava_trim import (
     VICUNA_V1_CHAT_TEMPLATE,
     VICUNA_V1_SYSTEM,
     LlavaTrimProcessor,
-    load_image,
 )
+from .recipes import DEEPSPEED_CONFIGS, FSDP_CONFIGS, RECIPES, config_path
+from .training_data import LlavaConversationDataset, ModalityGroupedSampler, SkipBadSamples
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
@@ -153,55 +159,8 @@ def build_vicuna_v1_prompt(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class LlavaConversationDataset(torch.utils.data.Dataset):
-    """LLaVA's conversation records; images are opened lazily, as RGB, when an item is read.
-
-    Args:
-        data (`str`, `Path` or `list[dict]`): a JSON file (a list of records, or JSON lines) or the records themselves.
-        image_folder (`str` or `Path`, *optional*): where the records' `image` paths are relative to.
-    """
-
-    def __init__(self, data: str | Path | list[dict], image_folder: str | Path | None = None):
-        if isinstance(data, (str, Path)):
-            raw = Path(data).read_text(encoding="utf-8")
-            try:
-                records = json.loads(raw)
-            except json.JSONDecodeError:
-                records = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        else:
-            records = list(data)
-        if not isinstance(records, list):
-            raise ValueError(f"{data}: expected a JSON list of records like LLaVA's, got {type(records).__name__}.")
-        for position, record in enumerate(records):
-            if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-                raise ValueError(
-                    f"Record {position} has no `conversations` list: every record looks like "
-                    '{"id": ..., "image": "path.jpg", "conversations": [{"from": "human", "value": ...}, ...]}.'
-                )
-            if "image" in record and not isinstance(record["image"], str):
-                raise ValueError(
-                    f"Record {position} ({record.get('id')!r}) has `image` = {record['image']!r}: one image path per "
-                    "record is supported (LLaVA-1.5's format)."
-                )
-        self.records = records
-        self.image_folder = Path(image_folder) if image_folder is not None else None
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.records[index]
-        image = None
-        if record.get("image"):
-            path = Path(record["image"])
-            if self.image_folder is not None and not path.is_absolute():
-                path = self.image_folder / path
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"Record {record.get('id', index)!r}: image {path} not found; check `--image-folder`."
-                )
-            image = load_image(str(path))
-        return {"id": record.get("id", index), "image": image, "conversations": record["conversations"]}
+# [`LlavaConversationDataset`] lives in `training_data` with the lazy JSON reading, bad-sample skipping and modality
+# grouping that training at LLaVA-1.5's scale needs; it is imported above and exported here as before.
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -331,11 +290,13 @@ class LlavaTrimDataCollator:
 def configure_trainable_parameters(model, train_language_model: bool = True, train_projector: bool = True) -> int:
     """Freeze the model except the multimodal projector and the language model (LLaVA-1.5's fine-tuning recipe).
 
-    The CLIP vision tower, the CLIP text tower and CLIP's projections (TRIM's scorer) stay frozen: TRIM's choice is a
-    hard selection that no gradient flows through, and the scorer must keep matching the vision features it was
-    trained with. Returns the number of trainable parameters.
+    The CLIP vision tower, the CLIP text tower and CLIP's projections (`model.trim_scorer`, TRIM's scorer) are frozen
+    here, explicitly (a loaded model has every parameter trainable, as transformers models do), and so is anything
+    else that is neither the projector nor the language model. TRIM's choice is a hard selection that no gradient
+    flows through, and the scorer must keep matching the vision features it was trained with. Returns the number of
+    trainable parameters.
     """
-    model.requires_grad_(False)
+    model.requires_grad_(False)  # the CLIP vision tower and `trim_scorer` stay so; the rest is switched on below
     model.model.multi_modal_projector.requires_grad_(train_projector)
     model.model.language_model.requires_grad_(train_language_model)
     model.lm_head.requires_grad_(train_language_model)
@@ -379,7 +340,15 @@ def _parse_trim_ratio(value: str) -> float | str | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m llava_trim.tools.finetune",
-        description="Fine-tune a LLaVA-TRIM model on LLaVA conversation data with transformers.Trainer.",
+        description="Fine-tune a LLaVA-TRIM model on LLaVA conversation data with transformers.Trainer. Run it "
+        "with torchrun or accelerate launch for several processes or machines.",
+    )
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=None,
+        help="Preset hyperparameters: 'llava-v1.5' is LLaVA-1.5's fine-tuning stage as the TRIM paper trains it "
+        "(every other flag given still wins).",
     )
     parser.add_argument("--model", required=True, help="Model folder or Hub id (a converted LLaVA-TRIM repository).")
     parser.add_argument("--data", required=True, help="LLaVA conversation JSON (list of records, or JSON lines).")
@@ -390,8 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-alpha", type=int, default=256)
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--freeze-language-model", action="store_true", help="Train the projector only.")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision.")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    flag = argparse.BooleanOptionalAction
+    parser.add_argument("--bf16", action=flag, default=False, help="bfloat16 mixed precision.")
+    parser.add_argument("--tf32", action=flag, default=None, help="TF32 matmuls (Ampere or newer NVIDIA GPUs).")
+    parser.add_argument("--gradient-checkpointing", action=flag, default=False)
     parser.add_argument(
         "--trim-ratio",
         type=_parse_trim_ratio,
@@ -401,25 +372,124 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--trim-question", choices=("first", "last"), default="first")
     parser.add_argument("--system-prompt", default=VICUNA_V1_SYSTEM)
-    parser.add_argument("--no-pad-to-square", dest="pad_to_square", action="store_false")
+    parser.add_argument("--pad-to-square", action=flag, default=True, help="Pad images to a square (LLaVA's 'pad').")
     parser.add_argument("--max-length", type=int, default=2048, help="Token limit, image tokens counted.")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--batch-size", type=int, default=4, help="Per device.")
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument(
+        "--gradient-accumulation-steps", type=int, default=None, help="Default: from --global-batch-size, or 1."
+    )
+    parser.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=None,
+        help="Samples per optimiser step over all processes: sets the accumulation to GLOBAL / (batch size x "
+        "processes), so a recipe keeps its batch on any number of GPUs.",
+    )
     parser.add_argument("--learning-rate", type=float, default=None, help="Default: 2e-5, or 2e-4 with --lora.")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--warmup-ratio", type=float, default=0.03)
     parser.add_argument("--lr-scheduler", default="cosine")
+    parser.add_argument(
+        "--group-by-modality-length",
+        action=flag,
+        default=False,
+        help="Batch text-only samples apart from image samples, similar lengths together (LLaVA's option).",
+    )
+    parser.add_argument(
+        "--skip-bad-samples",
+        action=flag,
+        default=True,
+        help="Skip (and count in the log) samples with a missing or unreadable image, no answer, or a prompt over "
+        "--max-length with its image; --no-skip-bad-samples stops at the first one instead.",
+    )
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--save-steps", type=int, default=0, help="Also save a checkpoint every N steps (0: never).")
+    parser.add_argument("--save-total-limit", type=int, default=None, help="Keep only the last N checkpoints.")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="Continue from the last checkpoint in OUTPUT/checkpoints (or from the CHECKPOINT folder given).",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--num-workers", type=int, default=0, help="Data loader worker processes.")
     parser.add_argument("--attn-implementation", default=None, help="'sdpa' (default), 'eager', 'flash_attention_2'.")
+    parser.add_argument(
+        "--deepspeed",
+        default=None,
+        help=f"DeepSpeed config: {' or '.join(DEEPSPEED_CONFIGS)} (shipped in configs/) or a JSON file.",
+    )
+    parser.add_argument(
+        "--fsdp",
+        default=None,
+        help=f"Fully sharded data parallel with this FSDP config: {' or '.join(FSDP_CONFIGS)} (shipped in configs/) "
+        "or a JSON file of the Trainer's `fsdp_config`.",
+    )
     parser.add_argument("--tokenizer", default=None, help="Llama tokenizer folder, when --model has no processor.")
     parser.add_argument("--clip-tokenizer", default=None, help="CLIP tokenizer folder, when --model has no processor.")
     parser.add_argument("--image-processor", default=None, help="CLIP image processor folder, likewise.")
     return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line, `--recipe` presets first: flags given explicitly override the recipe."""
+    parser = build_parser()
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("--recipe", choices=sorted(RECIPES), default=None)
+    known, _ = recipe.parse_known_args(argv)
+    if known.recipe is not None:
+        parser.set_defaults(**RECIPES[known.recipe])
+    args = parser.parse_args(argv)
+    if args.trim_ratio != "config":
+        try:
+            check_trim_ratio(args.trim_ratio)
+        except ValueError as error:
+            parser.error(str(error))
+    try:
+        args.gradient_accumulation_steps = gradient_accumulation_steps(args, world_size())
+        if args.deepspeed is not None:
+            args.deepspeed = config_path(args.deepspeed, DEEPSPEED_CONFIGS)
+        if args.fsdp is not None:
+            args.fsdp = config_path(args.fsdp, FSDP_CONFIGS)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.deepspeed is not None and args.fsdp is not None:
+        parser.error("Use one of --deepspeed and --fsdp.")
+    if args.lora and (args.deepspeed is not None or args.fsdp is not None):
+        parser.error(
+            "--lora with --deepspeed or --fsdp is not supported by this tool (the adapter is merged on one process): "
+            "train LoRA with plain data parallelism (torchrun / accelerate launch without them)."
+        )
+    return args
+
+
+def world_size() -> int:
+    """The number of training processes, as torchrun and accelerate launch announce it (`WORLD_SIZE`)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gradient_accumulation_steps(args: argparse.Namespace, processes: int) -> int:
+    """The accumulation that gives `--global-batch-size` samples per step (or `--gradient-accumulation-steps`)."""
+    if args.global_batch_size is None:
+        return args.gradient_accumulation_steps or 1
+    per_step = args.batch_size * processes
+    steps, remainder = divmod(args.global_batch_size, per_step)
+    if remainder or steps == 0:
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} is not a multiple of --batch-size {args.batch_size} x "
+            f"{processes} process(es): change one of them."
+        )
+    if args.gradient_accumulation_steps not in (None, steps):
+        raise ValueError(
+            f"--gradient-accumulation-steps {args.gradient_accumulation_steps} with --batch-size {args.batch_size} on "
+            f"{processes} process(es) does not give --global-batch-size {args.global_batch_size} (that needs "
+            f"{steps}): drop one of the two."
+        )
+    return steps
 
 
 def _accelerator_available() -> bool:
@@ -450,16 +520,46 @@ def load_preprocessing(args: argparse.Namespace):
     return processor, (processor.tokenizer, processor.clip_tokenizer, processor.image_processor)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Run fine-tuning from the command line (`python -m llava_trim.tools.finetune --help`)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.trim_ratio != "config":
-        try:
-            check_trim_ratio(args.trim_ratio)
-        except ValueError as error:
-            parser.error(str(error))
-    from transformers import AutoModelForImageTextToText, Trainer, TrainingArguments, set_seed
+class LlavaTrimTrainer(Trainer):
+    """`Trainer` with LLaVA's `group_by_modality_length` and the count of skipped bad samples in its logs."""
+
+    def __init__(self, *args, group_by_modality_length: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group_by_modality_length = group_by_modality_length
+        self.skipped_samples = 0  # on this process
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_modality_length:
+            return super()._get_train_sampler(train_dataset)
+        lengths = getattr(dataset, "modality_lengths", None)
+        if lengths is None:
+            raise ValueError(
+                "group_by_modality_length needs the dataset's `modality_lengths` (LlavaConversationDataset has them)."
+            )
+        args = self.args
+        group_size = args.train_batch_size * args.world_size * args.gradient_accumulation_steps
+        return ModalityGroupedSampler(lengths, group_size, seed=args.data_seed or args.seed)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        self.skipped_samples += int(inputs.pop("num_skipped_samples", 0))
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:  # a training log: every process is here, so the count is summed over them
+            count = torch.tensor(self.skipped_samples, device=self.args.device)
+            logs["skipped_samples"] = int(self.accelerator.reduce(count, reduction="sum"))
+        super().log(logs, *args, **kwargs)
+
+
+def main(argv: Sequence[str] | None = None):
+    """Run fine-tuning from the command line (`python -m llava_trim.tools.finetune --help`); returns the Trainer."""
+    return train(parse_args(argv))
+
+
+def train(args: argparse.Namespace, callbacks: Sequence | None = None):
+    """Fine-tune as [`parse_args`]'s arguments say, save the result (one process writes it) and return the Trainer."""
+    from transformers import AutoModelForImageTextToText, TrainingArguments, set_seed
 
     set_seed(args.seed)
     output = Path(args.output)
@@ -475,6 +575,41 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         collator = LlavaTrimDataCollator(tokenizer, clip_tokenizer, image_processor, **collator_kwargs)
 
+    # the Trainer's arguments come first: with DeepSpeed ZeRO-3 they make `from_pretrained` load the weights sharded
+    training_args = TrainingArguments(
+        output_dir=str(output / "checkpoints"),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate or (2e-4 if args.lora else 2e-5),
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_ratio,  # a number below 1 is a fraction of the training steps
+        lr_scheduler_type=args.lr_scheduler,
+        logging_steps=args.logging_steps,
+        save_strategy="steps" if args.save_steps > 0 else "no",
+        save_steps=args.save_steps if args.save_steps > 0 else 500,
+        save_total_limit=args.save_total_limit,
+        bf16=args.bf16,
+        tf32=args.tf32,
+        activation_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        dataloader_num_workers=args.num_workers,
+        # a text-only batch leaves the projector without gradient on its process; DDP must look for that
+        ddp_find_unused_parameters=True,
+        remove_unused_columns=False,  # the collator needs the raw records
+        label_names=["labels"],
+        report_to="none",
+        seed=args.seed,
+        use_cpu=not _accelerator_available(),
+        deepspeed=args.deepspeed,
+        fsdp=args.fsdp is not None,
+        fsdp_config=args.fsdp,
+    )
+    if args.deepspeed is not None:
+        import deepspeed
+
+        deepspeed.init_distributed()  # joins the process group (accelerate does so itself on GPUs, not on CPU)
     # LoRA keeps the frozen base in bfloat16; full fine-tuning keeps float32 master weights under mixed precision
     dtype = torch.bfloat16 if args.bf16 and args.lora else torch.float32
     model_kwargs = {"dtype": dtype, "trust_remote_code": True}
@@ -493,43 +628,61 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.lora:
         model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, not args.freeze_language_model)
-        learning_rate = args.learning_rate or 2e-4
     else:
         configure_trainable_parameters(model, train_language_model=not args.freeze_language_model)
-        learning_rate = args.learning_rate or 2e-5
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
-    training_args = TrainingArguments(
-        output_dir=str(output / "checkpoints"),
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=learning_rate,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_ratio,
-        lr_scheduler_type=args.lr_scheduler,
-        logging_steps=args.logging_steps,
-        save_strategy="steps" if args.save_steps > 0 else "no",
-        save_steps=args.save_steps if args.save_steps > 0 else 500,
-        bf16=args.bf16,
-        activation_checkpointing=args.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
-        dataloader_num_workers=args.num_workers,
-        remove_unused_columns=False,  # the collator needs the raw records
-        label_names=["labels"],
-        report_to="none",
-        seed=args.seed,
-        use_cpu=not _accelerator_available(),
+    if world_size() > 1 and training_args.world_size != world_size():
+        raise RuntimeError(
+            f"Launched as {world_size()} processes but the Trainer runs as {training_args.world_size}: launch with "
+            "torchrun or `accelerate launch --multi_gpu` so that the processes form one group."
+        )
+    if training_args.process_index == 0:
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: ds_numel
+        trainable, total = sum(size for size, trained in sizes if trained), sum(size for size, _ in sizes)
+        print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+        per_step = training_args.world_size * args.batch_size * args.gradient_accumulation_steps
+        print(
+            f"{training_args.world_size} process(es) x batch {args.batch_size} x accumulation "
+            f"{args.gradient_accumulation_steps} = {per_step} samples per optimiser step"
+        )
+
+    dataset = LlavaConversationDataset(args.data, args.image_folder, skip_bad_samples=args.skip_bad_samples)
+    trainer = LlavaTrimTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=SkipBadSamples(collator) if args.skip_bad_samples else collator,
+        callbacks=list(callbacks or []),
+        group_by_modality_length=args.group_by_modality_length,
     )
-    dataset = LlavaConversationDataset(args.data, args.image_folder)
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator)
-    trainer.train()
+    if args.fsdp is not None and not trainer.is_fsdp_enabled:
+        raise RuntimeError(
+            "--fsdp: the Trainer did not shard the model: accelerate runs FSDP on GPUs (or other accelerators) with "
+            "several processes only. Launch with torchrun / accelerate launch on GPUs, or drop --fsdp for plain data "
+            "parallelism."
+        )
+    if args.deepspeed is not None and not trainer.is_deepspeed_enabled:
+        raise RuntimeError("--deepspeed: the Trainer did not start DeepSpeed; is `deepspeed` installed?")
+    resume = args.resume
+    if resume is True and not any(Path(training_args.output_dir).glob("checkpoint-*")):
+        raise FileNotFoundError(
+            f"--resume: no checkpoint in {training_args.output_dir}; run with --save-steps to write checkpoints."
+        )
+    trainer.train(resume_from_checkpoint=resume)
 
-    save_finetuned(trainer.model, output, processor)
-    print(f"saved the fine-tuned model to {output}")
+    model.config.use_cache = True
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        trainer.save_model(str(output))  # every process takes part in gathering the sharded weights
+        if trainer.is_world_process_zero() and processor is not None:
+            processor.save_pretrained(output)
+    elif trainer.is_world_process_zero():
+        save_finetuned(trainer.model, output, processor)
+    trainer.accelerator.wait_for_everyone()
+    skipped = trainer.accelerator.reduce(torch.tensor(trainer.skipped_samples, device=training_args.device), "sum")
+    if trainer.is_world_process_zero():
+        print(f"skipped {int(skipped)} bad sample(s)")
+        print(f"saved the fine-tuned model to {output}")
+    return trainer
 
 
 def save_finetuned(model, output: str | Path, processor=None) -> Path:
@@ -552,6 +705,7 @@ def save_finetuned(model, output: str | Path, processor=None) -> Path:
 
 __all__ = [
     "IGNORE_INDEX",
+    "LlavaTrimTrainer",
     "LLAVA_V1_SYSTEM",
     "LORA_TARGET_MODULES",
     "LlavaConversationDataset",
@@ -564,9 +718,12 @@ __all__ = [
     "build_vicuna_v1_prompt",
     "configure_trainable_parameters",
     "conversation_to_messages",
+    "gradient_accumulation_steps",
     "load_preprocessing",
     "main",
+    "parse_args",
     "save_finetuned",
+    "train",
 ]
 
 
