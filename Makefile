@@ -24,6 +24,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	# LLaVA's own code, the reference in tests (prompts, scorers): its pure modules only, so without dependencies
 	$(BIN)/python -m pip install --quiet --no-deps llava-torch==1.2.2.post1
+	# DeepSpeed, which the multi-process fine-tuning tests run on the CPU: built against the torch installed above
+	# (an isolated build would fetch PyPI's default CUDA torch)
+	$(BIN)/python -m pip install --quiet setuptools wheel
+	$(BIN)/python -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 	touch $@
 
 # The optional lmms-eval adapter, which the test suite covers: `make test` installs it. lmms-eval leaves torch

@@ -192,7 +192,7 @@ def test_bitsandbytes_keeps_vision_clip_and_projector_unquantised(saved_model, r
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# TRIM's scores in float32 whatever the model dtype (DESIGN.md section 2)
+# TRIM's scores in float32 whatever the model dtype (docs/trim.md)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
