@@ -640,6 +640,29 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
         sequence.position_ids = sequence.position_ids if position_ids is None else position_ids
         return TrimmedInputs(sequence, image_outputs)
 
+    def trim_before_forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        pixel_values: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        trim_input_ids: torch.LongTensor | None,
+        trim_attention_mask: torch.Tensor | None,
+        trim_ratio: float | None | _FromConfig,
+        *,
+        cache: Cache | None = None,
+        **prepare_kwargs,
+    ) -> TrimmedInputs | None:
+        """What a forward pass runs before the native Llava forward: check `trim_ratio` (also without an image) and,
+        with `pixel_values` and nothing cached, [`prepare_trimmed_inputs`]. `None` when there is no image."""
+        if trim_ratio is not FROM_CONFIG:
+            check_trim_ratio(trim_ratio)
+        if pixel_values is None:
+            return None
+        _refuse_filled_cache(cache)
+        return self.prepare_trimmed_inputs(
+            input_ids, pixel_values, attention_mask, trim_input_ids, trim_attention_mask, trim_ratio, **prepare_kwargs
+        )
+
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -666,26 +689,23 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
         `compacted_attention_mask`; `labels`, aligned with `input_ids`, come back aligned with it as
         `compacted_labels` (-100 on image positions). `trim_ratio` overrides `config.trim_ratio` for this call only.
         """
-        trimmed = None
-        if trim_ratio is not FROM_CONFIG:
-            check_trim_ratio(trim_ratio)  # also when there is no image
-        if pixel_values is not None:
-            _refuse_filled_cache(cache)
-            trimmed = self.prepare_trimmed_inputs(
-                input_ids,
-                pixel_values,
-                attention_mask,
-                trim_input_ids,
-                trim_attention_mask,
-                trim_ratio,
-                labels=labels,
-                position_ids=position_ids,
-                inputs_embeds=inputs_embeds,
-                mm_encoder_outputs=mm_encoder_outputs,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                image_sizes=image_sizes,
-            )
+        trimmed = self.trim_before_forward(
+            input_ids,
+            pixel_values,
+            attention_mask,
+            trim_input_ids,
+            trim_attention_mask,
+            trim_ratio,
+            cache=cache,
+            labels=labels,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            mm_encoder_outputs=mm_encoder_outputs,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+        )
+        if trimmed is not None:
             input_ids, attention_mask = trimmed.sequence.input_ids, trimmed.sequence.attention_mask
             position_ids, labels = trimmed.sequence.position_ids, trimmed.sequence.labels
             mm_encoder_outputs = {"image": trimmed.image_outputs}
@@ -806,26 +826,23 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
         with the caller's `input_ids`) are compacted alongside (`compacted_labels`, -100 on image positions) before
         the loss.
         """
-        trimmed = None
-        if trim_ratio is not FROM_CONFIG:
-            check_trim_ratio(trim_ratio)  # also when there is no image
-        if pixel_values is not None:
-            _refuse_filled_cache(cache)
-            trimmed = self.model.prepare_trimmed_inputs(
-                input_ids,
-                pixel_values,
-                attention_mask,
-                trim_input_ids,
-                trim_attention_mask,
-                trim_ratio,
-                labels=labels,
-                position_ids=position_ids,
-                inputs_embeds=inputs_embeds,
-                mm_encoder_outputs=mm_encoder_outputs,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                image_sizes=image_sizes,
-            )
+        trimmed = self.model.trim_before_forward(
+            input_ids,
+            pixel_values,
+            attention_mask,
+            trim_input_ids,
+            trim_attention_mask,
+            trim_ratio,
+            cache=cache,
+            labels=labels,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            mm_encoder_outputs=mm_encoder_outputs,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+        )
+        if trimmed is not None:
             input_ids, attention_mask = trimmed.sequence.input_ids, trimmed.sequence.attention_mask
             position_ids, labels = trimmed.sequence.position_ids, trimmed.sequence.labels
             mm_encoder_outputs = {"image": trimmed.image_outputs}

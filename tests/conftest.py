@@ -9,6 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from llava_trim.tools.tiny import tiny_model  # noqa: E402
+from llava_trim.tools.tiny_tokenizers import build_tiny_processor  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +22,12 @@ def model():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny converted folder (model + processor, as `convert_checkpoint.py` writes it); tests only read it."""
+    folder = tmp_path_factory.mktemp("tiny-llava-trim")
+    build_tiny_processor(folder)
+    tiny_model(seed=0).save_pretrained(folder)
+    return folder

@@ -21,8 +21,6 @@ gr = pytest.importorskip("gradio")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
 
 from llava_trim.tools import app as trim_app  # noqa: E402
-from llava_trim.tools.tiny import tiny_model  # noqa: E402
-from llava_trim.tools.tiny_tokenizers import build_tiny_processor  # noqa: E402
 from llava_trim.tools.visualize import draw_kept_patches, pixel_values_to_image  # noqa: E402
 
 QUESTION = "What is the colour of the ball?"
@@ -55,14 +53,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llava-trim")
-    build_tiny_processor(folder)
-    tiny_model(seed=0).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -13,21 +13,11 @@ from PIL import Image
 import llava_trim.tools.evaluate as evaluate_module
 from llava_trim.tools.benchmarks import BENCHMARKS, get_benchmarks
 from llava_trim.tools.evaluate import build_prompt, main, new_answer_id
-from llava_trim.tools.tiny import tiny_model
-from llava_trim.tools.tiny_tokenizers import build_tiny_processor
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return build_llava_eval(tmp_path_factory.mktemp("playground") / "data" / "eval")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llava-trim")
-    build_tiny_processor(folder)
-    tiny_model(seed=0).save_pretrained(folder)
-    return folder
 
 
 def read_jsonl(path):

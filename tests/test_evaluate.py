@@ -22,8 +22,6 @@ from llava_trim.tools.evaluate import (
     vqa_accuracy,
     yes_no_metrics,
 )
-from llava_trim.tools.tiny import tiny_model
-from llava_trim.tools.tiny_tokenizers import build_tiny_processor
 
 ANSWER_KEYS = ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]  # LLaVA's order
 SHORT = "\nAnswer the question using a single word or phrase."
@@ -249,14 +247,6 @@ def test_answer_file_repairs_an_interrupted_line_and_counts_repeats(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end on a drawn mini dataset with a tiny model
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llava-trim")
-    build_tiny_processor(folder)
-    tiny_model(seed=0).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

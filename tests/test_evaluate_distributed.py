@@ -14,19 +14,9 @@ import pytest
 from PIL import Image
 
 from llava_trim.tools.evaluate import main
-from llava_trim.tools.tiny import tiny_model
-from llava_trim.tools.tiny_tokenizers import build_tiny_processor
 
 SHORT = "\nAnswer the question using a single word or phrase."
 TIMING = ("batch_size", "batch_seconds", "ttft_seconds")  # how the run was batched and timed, not what it answered
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llava-trim")
-    build_tiny_processor(folder)
-    tiny_model(seed=0).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -14,22 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_trim.tools.tiny import tiny_model
-from llava_trim.tools.tiny_tokenizers import build_tiny_processor
-
 if os.environ.get("LLAVA_TRIM_REQUIRE_LMMS_EVAL") != "1":  # `make test` sets it: there, a missing lmms-eval fails
     pytest.importorskip("lmms_eval", reason="pip install 'llava-trim[lmms-eval]' to test the lmms-eval adapter")
 
 TASK_FOLDER = Path(__file__).parent / "lmms_eval_task"
 SHORT = "\nAnswer the question using a single word or phrase."
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llava-trim")
-    build_tiny_processor(folder)
-    tiny_model(seed=0).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,6 @@ from PIL import Image, ImageDraw
 
 from llava_trim.processing_llava_trim import single_turn_messages
 from llava_trim.tools.evaluate import load_model_and_processor
-from llava_trim.tools.tiny import tiny_model
-from llava_trim.tools.tiny_tokenizers import build_tiny_processor
 from llava_trim.tools.visualize import (
     PRUNED_OPACITY,
     draw_kept_patches,
@@ -124,14 +122,6 @@ def test_bad_masks_are_refused():
 # ---------------------------------------------------------------------------------------------------------------------
 # With a tiny model folder
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llava-trim")
-    build_tiny_processor(folder)
-    tiny_model(seed=0).save_pretrained(folder)
-    return folder
 
 
 def drawn_photo(size=(300, 200)) -> Image.Image:
