@@ -39,6 +39,7 @@ import gradio as gr
 import torch
 from PIL import Image
 
+from .loading import load_model_and_processor
 from .visualize import draw_kept_patches, pixel_values_to_image
 
 # What the page offers in its TRIM control, and the `trim_ratio` each stands for (the ratio comes from the slider).
@@ -90,23 +91,6 @@ def mode_label(trim_ratio: float | None) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # The model side: prompts, selection, streaming, prefill timing
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def load_model_and_processor(model: str, device: str = "auto", dtype: str = "auto"):
-    """Load a converted LLaVA-TRIM folder or Hub id (GPU when there is one; float32 on CPU) and its processor."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        torch_dtype = torch.float32 if device == "cpu" else "auto"
-    else:
-        torch_dtype = getattr(torch, dtype)
-    loaded = AutoModelForImageTextToText.from_pretrained(
-        model, trust_remote_code=True, dtype=torch_dtype, device_map={"": device}
-    ).eval()
-    processor = AutoProcessor.from_pretrained(model, trust_remote_code=True)
-    return loaded, processor
 
 
 def read_image(path: str | Path | None) -> Image.Image:

@@ -31,7 +31,7 @@ PACKAGE_FOLDER = TOOLS_FOLDER.parent
 # What the page imports, copied into the Space as the `llava_trim` package: the model's three files and the tools
 # the page uses (`visualize.py` draws the heatmap with the processor's image path, `demo.py` draws the examples).
 PACKAGE_MODULES = ("__init__.py", "configuration_llava_trim.py", "modeling_llava_trim.py", "processing_llava_trim.py")
-TOOLS_MODULES = ("__init__.py", "app.py", "visualize.py", "demo.py", "tiny_tokenizers.py")
+TOOLS_MODULES = ("__init__.py", "app.py", "loading.py", "visualize.py", "demo.py", "tiny_tokenizers.py")
 
 SPACE_APP = '''"""Hugging Face Space: the LLaVA-TRIM page on {model}."""
 
