@@ -423,6 +423,14 @@ class LlavaTrimPreTrainedModel(LlavaPreTrainedModel):
 
         apply(self, self._initialize_weights)
 
+    def _init_weights(self, module):
+        """Native Llava's initialisation, and TRIM's two projections initialised as `CLIPModel` initialises them."""
+        super()._init_weights(module)
+        if isinstance(module, LlavaTrimScorer):
+            factor = self.config.clip_text_config.initializer_factor
+            init.normal_(module.text_projection.weight, std=self.config.clip_text_config.hidden_size**-0.5 * factor)
+            init.normal_(module.visual_projection.weight, std=self.config.vision_config.hidden_size**-0.5 * factor)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """[`~PreTrainedModel.save_pretrained`] that checks the config first and leaves no half-written new folder."""
         self.config.validate()
