@@ -836,7 +836,10 @@ class LlavaTrimProcessor(ProcessorMixin):
                 decoded.append(load_image(image))
             except ValueError as error:
                 raise ValueError(f"Image {index} ({_describe_image(image)}): {error}") from None
-        if not any(images_kwargs.get(name) is not None for name in _GEOMETRY_KWARGS):  # the processor's own settings
+        if all(  # the image processor's own canvas settings (which `bounded_pad_and_resize` reads)
+            images_kwargs.get(name) is None or images_kwargs[name] == getattr(self.image_processor, name, None)
+            for name in _GEOMETRY_KWARGS
+        ):
             decoded = [bounded_pad_and_resize(image, self.image_processor) for image in decoded]
         outputs = self.image_processor(decoded, return_tensors="pt", **images_kwargs)
         return {"pixel_values": outputs["pixel_values"]}  # (num_images, 3, 336, 336)
