@@ -137,7 +137,7 @@ def load_image(image) -> PILImage:
         )
     if image.width == 0 or image.height == 0:
         raise ValueError(f"The image is {image.width}x{image.height} pixels: an image needs at least one pixel.")
-    _check_image_pixels(image.width, image.height)
+    check_image_pixels(image.width, image.height)
     try:
         upright = ImageOps.exif_transpose(image, in_place=owned) or image
     except Exception:  # a broken EXIF block must not make an otherwise valid image unusable
@@ -145,7 +145,7 @@ def load_image(image) -> PILImage:
     return _to_rgb(upright)
 
 
-def _check_image_pixels(width: int, height: int) -> None:
+def check_image_pixels(width: int, height: int) -> None:
     """Refuse an image over [`MAX_IMAGE_PIXELS`] pixels (or PIL's `Image.MAX_IMAGE_PIXELS`, when lower)."""
     from PIL import Image
 
@@ -205,7 +205,7 @@ def _decode_first_frame(data: bytes, shown: str) -> PILImage:
             raise ValueError(f"Image {shown} is refused as a decompression bomb: {error}") from None
         except (OSError, SyntaxError, ValueError, EOFError):  # PIL's `UnidentifiedImageError` is an `OSError`
             raise ValueError(_undecodable(shown)) from None
-        _check_image_pixels(*image.size)
+        check_image_pixels(*image.size)
         try:
             image.load()  # the current frame: the first one, just opened
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -937,6 +937,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "add_image_token",
     "bounded_pad_and_resize",
+    "check_image_pixels",
     "llava_image_processor",
     "load_image",
     "questions_from_messages",

@@ -14,6 +14,7 @@ Tolerances, in levels of the 8-bit resized image (pixel values are `(level / 255
 """
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -220,3 +221,51 @@ def test_unambiguous_layouts_follow_transformers_inference():
     assert infer_channel_dimension_format(hwc, num_channels=(1, 3, 4)) == ChannelDimension.LAST
     for array in (hwc, chw, torch.from_numpy(chw)):
         assert np.array_equal(np.asarray(load_image(array)), hwc)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tools that read images: evaluation, fine-tuning data, visualisation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_evaluation_names_the_question_of_an_over_limit_image_or_a_bomb(model_dir, tmp_path, monkeypatch, capsys):
+    from llava_trim.tools.evaluate import main
+
+    Image.new("RGB", (200, 100)).save(tmp_path / "big.png")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question_id": 8, "image": "big.png", "text": "Hi?"}\n', encoding="utf-8")
+    args = ["--model", str(model_dir), "--questions", str(questions), "--image-folder", str(tmp_path)]
+    args += ["--settings", "auto", "--no-progress", "--no-plot"]
+    monkeypatch.setattr(processing, "MAX_IMAGE_PIXELS", 19_999)
+    assert main([*args, "--output-dir", str(tmp_path / "limit")]) == 2
+    error = capsys.readouterr().err
+    assert "question_id 8" in error and "over the limit of 19,999" in error
+    monkeypatch.setattr(processing, "MAX_IMAGE_PIXELS", 10**9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000)  # PIL's own decompression-bomb error: 20,000 > 2 x 5,000
+    assert main([*args, "--output-dir", str(tmp_path / "bomb")]) == 2  # a message, not a traceback
+    error = capsys.readouterr().err
+    assert "question_id 8" in error and "decompression bomb" in error
+
+
+def test_fine_tuning_skips_and_counts_an_over_limit_image(tmp_path, monkeypatch):
+    from llava_trim.tools.training_data import BadSampleError, LlavaConversationDataset
+
+    Image.new("RGB", (200, 100)).save(tmp_path / "big.png")
+    Image.new("RGB", (20, 10)).save(tmp_path / "small.png")
+    conversations = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Black."}]
+    records = [{"id": name, "image": f"{name}.png", "conversations": conversations} for name in ("small", "big")]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    monkeypatch.setattr(processing, "MAX_IMAGE_PIXELS", 19_999)
+    with pytest.raises(BadSampleError, match="over the limit of 19,999"):
+        LlavaConversationDataset(tmp_path / "data.json", tmp_path)[1]
+    lenient = LlavaConversationDataset(tmp_path / "data.json", tmp_path, skip_bad_samples=True)
+    assert not lenient[0].get("skip_reason") and "over the limit" in lenient[1]["skip_reason"]
+
+
+def test_visualisation_view_of_a_40000_x_20_image_is_bounded(image_processor):
+    from llava_trim.tools.visualize import model_view, pixel_values_to_image
+
+    image = photo(40000, 20)
+    view = model_view(image, image_processor)
+    expected = image_processor(bounded_pad_and_resize(image, image_processor), return_tensors="pt")["pixel_values"]
+    assert np.array_equal(np.asarray(view), np.asarray(pixel_values_to_image(expected[0])))
