@@ -184,3 +184,17 @@ def test_page_limits_are_refused_with_a_message(page, tmp_path):
         file.truncate(app.MAX_UPLOAD_BYTES + 1)  # sparse: no memory or disk taken
     outcome, message = ask(address, big, QUESTION, "auto")
     assert outcome == "refused" and "exceeds the maximum file size" in message, (outcome, message)
+
+
+def test_conversation_and_question_limits():
+    from llava_trim.tools import app
+
+    turn = [app.user_turn("Is it red?", None), {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}]
+    app.check_turns(turn * (app.MAX_TURNS - 1))
+    with pytest.raises(app.gr.Error, match=f"limit of {app.MAX_TURNS} questions"):
+        app.check_turns(turn * app.MAX_TURNS)
+    assert app.check_question("  Why?  ") == "Why?"
+    with pytest.raises(app.gr.Error, match="The question is empty"):
+        app.check_question(" ")
+    with pytest.raises(app.gr.Error, match="over the page's limit"):
+        app.check_question("a" * (app.MAX_QUESTION_CHARS + 1))

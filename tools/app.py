@@ -123,6 +123,15 @@ def read_image(path: str | Path | None, image_processor=None) -> Image.Image:
     return bounded_pad_and_resize(image, image_processor) if image_processor is not None else image
 
 
+def check_turns(messages: Sequence[dict]) -> None:
+    """`gr.Error` when the conversation already holds `MAX_TURNS` questions."""
+    if sum(message["role"] == "user" for message in messages) >= MAX_TURNS:
+        raise gr.Error(
+            f"This conversation has reached the page's limit of {MAX_TURNS} questions: press 'New conversation' to "
+            "go on."
+        )
+
+
 def check_question(question: str | None) -> str:
     """The question without surrounding spaces; `gr.Error` when it is empty or over `MAX_QUESTION_CHARS`."""
     question = (question or "").strip()
@@ -315,11 +324,8 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
             raise gr.Error("Upload an image (or pick an example) first.")
         trim_ratio = parse_mode(mode_from_controls(choice, ratio))
         new_image = image_path != conversation_image or not messages
-        if not new_image and sum(message["role"] == "user" for message in messages) >= MAX_TURNS:
-            raise gr.Error(
-                f"This conversation has reached the page's limit of {MAX_TURNS} questions: press 'New conversation' "
-                "to go on."
-            )
+        if not new_image:
+            check_turns(messages)
         image = read_image(image_path, chat.processor.image_processor) if new_image else None
         history = [] if new_image else list(messages)
         history.append(user_turn(question, image))
