@@ -197,10 +197,10 @@ def _decode_first_frame(data: bytes, shown: str) -> PILImage:
     """
     from PIL import Image
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), io.BytesIO(data) as buffer:  # closed once decoded: the bytes are freed
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))  # reads the header only
+            image = Image.open(buffer)  # reads the header only
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise ValueError(f"Image {shown} is refused as a decompression bomb: {error}") from None
         except (OSError, SyntaxError, ValueError, EOFError):  # PIL's `UnidentifiedImageError` is an `OSError`
@@ -352,7 +352,7 @@ def bounded_pad_and_resize(image: PILImage, image_processor) -> PILImage:
     supported = isinstance(image_processor, PilBackend) and image_processor.do_pad and image_processor.do_resize
     if side * side <= MAX_CANVAS_PIXELS or width == height or not supported or not target or support is None:
         return image
-    fill = tuple(int(x * 255) for x in image_processor.image_mean)  # transformers' padding colour
+    fill = tuple(int(x * 255) for x in image_processor.image_mean or (0, 0, 0))  # transformers' padding colour
     support *= max(side / target, 1.0)  # in canvas pixels
     if width > height:  # padded vertically: the horizontal pass needs no padding
         rows = image.resize((target, height), resample)  # (target, height): the canvas's horizontal pass
