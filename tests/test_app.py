@@ -373,5 +373,6 @@ def test_page_in_headless_chromium(server, loaded, picture, tmp_path):
 def test_command_line_refuses_a_model_it_cannot_load(tmp_path):
     with pytest.raises(SystemExit, match="could not load a converted LLaVA-TRIM model"):
         trim_app.main(["--model", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="--max-new-tokens must be at least 1"):
-        trim_app.main(["--model", str(tmp_path), "--max-new-tokens", "0"])
+    for too_many in ("0", str(trim_app.MAX_NEW_TOKENS + 1)):
+        with pytest.raises(SystemExit, match=f"--max-new-tokens must be between 1 and {trim_app.MAX_NEW_TOKENS}"):
+            trim_app.main(["--model", str(tmp_path), "--max-new-tokens", too_many])

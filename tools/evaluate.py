@@ -44,6 +44,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
+from ..processing_llava_trim import check_image_pixels
 from .benchmarks import BENCHMARKS, Benchmark, get_benchmarks
 from .benchmarks.vqa import normalize_vqa_answer, vqa_score
 from .benchmarks.yes_no import pope_answer
@@ -562,8 +563,9 @@ def _load_image(question: dict) -> Image.Image | None:
         return None
     try:
         with Image.open(source) as image:
+            check_image_pixels(*image.size)  # from the header, before decoding (the processor's limit)
             return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(
             f"Cannot read the image {name} of question_id {question['question_id']!r} ({error}). Answers "
             "written so far are kept: fix or replace the file and run again to resume."

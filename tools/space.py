@@ -77,6 +77,9 @@ answer, heatmap, kept = client.predict(handle_file("bus.jpg"), "What is the colo
 ```
 
 The TRIM mode is `"auto"`, `"off"` or a keep ratio such as `"0.25"`.
+
+Limits: uploads up to 32 MB and 50 million pixels, questions up to 2000 characters, 20 questions per conversation,
+answers up to 120 s; one request runs at a time and up to 16 wait their turn (more are refused: "queue is full").
 """
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..processing_llava_trim import llava_image_processor, load_image, single_turn_messages
+from ..processing_llava_trim import bounded_pad_and_resize, llava_image_processor, load_image, single_turn_messages
 from .tiny_tokenizers import build_clip_image_processor
 
 # `openai/clip-vit-large-patch14-336`'s normalisation.
@@ -64,7 +64,8 @@ def model_view(image, image_processor=None) -> Image.Image:
         image_processor (*optional*): the model's (`processor.image_processor`); LLaVA-1.5's by default.
     """
     image_processor = image_processor if image_processor is not None else default_image_processor()
-    pixel_values = image_processor(load_image(image), return_tensors="pt")["pixel_values"][0]  # (3, 336, 336)
+    decoded = bounded_pad_and_resize(load_image(image), image_processor)  # a large canvas: padded and resized here
+    pixel_values = image_processor(decoded, return_tensors="pt")["pixel_values"][0]  # (3, 336, 336)
     return pixel_values_to_image(pixel_values, image_processor.image_mean, image_processor.image_std)
 
 
