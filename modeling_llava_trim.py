@@ -904,8 +904,9 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
         generation option behaves as for native Llava. Lengths (`max_length`, `min_length`) count the caller's
         `input_ids`, and the returned sequences are the caller's `input_ids` followed by the new tokens, so
         `out[:, input_ids.shape[1]:]` is the answer. With `return_dict_in_generate=True` the output also carries
-        `trim_selection`. A cache returned by an earlier call continues a chat when its images' selection is the
-        same; one built from another selection is refused.
+        `trim_selection`. A cache given with `cache=` (from an earlier call of this model) is checked against the
+        prompt and reused up to the first position that differs (token, padding, or an image's pixels or selection),
+        so the answer is that of a fresh run; a cache that cannot be checked is refused (docs/trim.md section 5).
         """
         if isinstance(trim_ratio, (list, tuple)):
             trim_ratio = _one_trim_ratio(trim_ratio)
