@@ -712,7 +712,7 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
-        if outputs.cache is not None:
+        if outputs.cache is not None and not torch.compiler.is_compiling():  # compiled decoding: `generate` records
             images = PromptImages.of(
                 trimmed,
                 pixel_values,
@@ -991,7 +991,7 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Generation helpers: lengths in the caller's coordinates, caches that carry a selection
+# Generation helpers: lengths in the caller's coordinates
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -1149,8 +1149,9 @@ def _advance_record(
     images: PromptImages,
 ) -> None:
     """Keep a cache's record in step with a forward pass that wrote its positions from `past_length` on."""
-    if cache is None or torch.compiler.is_compiling():
+    if cache is None:
         return
+    past_length = int(past_length)  # a tensor for static caches
     record = getattr(cache, "llava_trim_record", None)
     if past_length == 0:  # a new cache: this model fills it from the start
         empty = input_ids[:, :0] if input_ids is not None else None
@@ -1195,7 +1196,7 @@ def _continue_from_cache(
             f"{input_ids.shape[1]} positions after TRIM, plus the new tokens): make it larger (`max_cache_len`) or "
             "continue with a DynamicCache (the default)."
         )
-    past_length = cache.get_seq_length()
+    past_length = int(cache.get_seq_length())
     if past_length == 0:
         return 0
     record = getattr(cache, "llava_trim_record", None)
@@ -1230,7 +1231,7 @@ def _continue_from_cache(
 
 def _crop_cache(cache: Cache, length: int) -> None:
     """Keep the first `length` positions of `cache`."""
-    past_length = cache.get_seq_length()
+    past_length = int(cache.get_seq_length())
     if length >= past_length:
         return
     try:
