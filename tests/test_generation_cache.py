@@ -142,6 +142,18 @@ def test_placeholders_without_pixel_values_with_a_cache_as_without(model, mode):
             model.generate(**turn2, cache=out.cache, **GREEDY)
 
 
+def test_placeholders_without_pixel_values_with_a_cache_at_trim_off_read_as_text():
+    """With TRIM off in the config, placeholders without an image run as native runs them (as text): the cached
+    image positions are not reused for them."""
+    model = tiny_model(seed=0, vision_config=dict(TINY_VISION, image_size=SIZE), image_seq_length=S, trim_ratio=None)
+    out, _ = first_turn(model, None)
+    turn2 = torch.cat([out.sequences, torch.tensor([text(4, seed=21)])], dim=1)
+    crops = recording_crops(out.cache)
+    continued = model.generate(input_ids=turn2, cache=out.cache, **GREEDY)
+    assert_same_run(model, continued, model.generate(input_ids=turn2, **GREEDY), turn2.shape[1])
+    assert crops == [out.sequences[0].tolist().index(TINY_IMAGE_TOKEN_ID)]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_edited_text_only_answer_then_an_image(model, mode):
     """Issue 17 item 1d: a text-only turn 1 whose answer is edited, then an image in turn 2."""
