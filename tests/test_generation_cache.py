@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from test_generation import MODES, SIZE, Prompt, S, pixels, prompt, text
-from test_modeling_llava_trim import PAD, questions
+from test_modeling_llava_trim import PAD, batch, questions
 from transformers import DynamicCache, StaticCache
 
 from llava_trim.tools.tiny import TINY_IMAGE_TOKEN_ID, TINY_VISION, native_llava, tiny_model
@@ -240,6 +240,21 @@ def test_left_padded_batch_without_attention_mask_equals_native(model, native, m
     assert torch.equal(ours.sequences, expected)
     tolerance = logits_tolerance(model, torch.stack(theirs.logits), reference["input_ids"].shape[1] + 3)
     assert (torch.stack(ours.logits) - torch.stack(theirs.logits)).abs().max() <= tolerance
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batched_chat_with_new_left_padding(model, mode):
+    """A batch continued with turns of different lengths: the left padding moves, the cache is recomputed where the
+    rows no longer repeat it, and each row's answer is the fresh batch's."""
+    rows = [prompt(3, 1, 4, seed=34), prompt(8, 1, 2, seed=35)]
+    input_ids, attention_mask = batch(rows)
+    images = image_inputs(2, 34, MODES[mode])
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **images, pad_token_id=PAD, **GREEDY)
+    answered = [row[-len(ids) - 3 :].tolist() for row, ids in zip(out.sequences, rows, strict=True)]
+    turn2_ids, turn2_mask = batch([answered[0] + text(2, seed=36), answered[1] + text(9, seed=37)])
+    turn2 = dict(input_ids=turn2_ids, attention_mask=turn2_mask, **images, pad_token_id=PAD)
+    continued = model.generate(**turn2, cache=out.cache, **GREEDY)
+    assert_same_run(model, continued, model.generate(**turn2, **GREEDY), turn2_ids.shape[1])
 
 
 # ------------------------------------------------------------------------------------------------------------------
