@@ -15,11 +15,12 @@ class _HelpFormatter(argparse.HelpFormatter):
         return super()._fill_text(text, width, indent)
 
 
-def command_parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:
-    """An `argparse.ArgumentParser` for a tool: `description` wrapped, then `example` (shell lines) as written."""
-    lines = "\n".join("  " + line if line else line for line in example.strip("\n").splitlines())
+def command_parser(prog: str, description: str, examples: str) -> argparse.ArgumentParser:
+    """An `argparse.ArgumentParser` for a tool: `description` wrapped, then `examples` (shell lines, `#` comments and
+    `\\` continuations) as written."""
+    lines = "\n".join("  " + line if line else line for line in examples.strip("\n").splitlines())
     return argparse.ArgumentParser(
-        prog=prog, description=description, epilog=f"example:\n{lines}", formatter_class=_HelpFormatter
+        prog=prog, description=description, epilog=f"examples:\n{lines}", formatter_class=_HelpFormatter
     )
 
 
