@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 
 
-class _HelpFormatter(argparse.HelpFormatter):
+class ExamplesHelpFormatter(argparse.HelpFormatter):
     """argparse's help, with the examples kept as written (line continuations and indentation intact)."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
@@ -15,12 +15,15 @@ class _HelpFormatter(argparse.HelpFormatter):
         return super()._fill_text(text, width, indent)
 
 
+def examples_epilog(examples: str) -> str:
+    """The end of a tool's `--help`: `examples` (shell lines, `#` comments and `\\` continuations) as written."""
+    return "examples:\n" + "\n".join("  " + line if line else line for line in examples.strip("\n").splitlines())
+
+
 def command_parser(prog: str, description: str, examples: str) -> argparse.ArgumentParser:
-    """An `argparse.ArgumentParser` for a tool: `description` wrapped, then `examples` (shell lines, `#` comments and
-    `\\` continuations) as written."""
-    lines = "\n".join("  " + line if line else line for line in examples.strip("\n").splitlines())
+    """An `argparse.ArgumentParser` for a tool: `description` wrapped, then [`examples_epilog`]."""
     return argparse.ArgumentParser(
-        prog=prog, description=description, epilog=f"examples:\n{lines}", formatter_class=_HelpFormatter
+        prog=prog, description=description, epilog=examples_epilog(examples), formatter_class=ExamplesHelpFormatter
     )
 
 

@@ -30,6 +30,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..configuration_llava_trim import parse_trim_ratio
 from ..processing_llava_trim import VICUNA_V1_SYSTEM
+from .cli import ExamplesHelpFormatter, examples_epilog
 from .recipes import DEEPSPEED_CONFIGS, FSDP_CONFIGS, RECIPES, config_path
 
 EXAMPLE = """\
@@ -64,7 +65,7 @@ class ModelArguments:
         metadata={
             "help": "A converted LLaVA-TRIM folder or Hub id; or, with --vision_tower and --pretrain_mm_mlp_adapter, "
             "the Llama (Vicuna) checkpoint of LLaVA-1.5's stage-2 start."
-        }
+        },
     )
     vision_tower: str | None = field(
         default=None,
@@ -287,6 +288,7 @@ class LlavaTrimTrainingArguments(TrainingArguments):
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
         super().__post_init__()
 
+
 @dataclass
 class FinetuneArguments:
     """The four groups of a fine-tuning command line."""
@@ -304,8 +306,8 @@ def build_parser() -> HfArgumentParser:
         prog="python -m llava_trim.tools.finetune",
         description="Fine-tune LLaVA-1.5 with TRIM in the loop on LLaVA conversation data with transformers.Trainer, "
         "with LLaVA's train.py flags. Run it with torchrun or accelerate launch for several processes or machines.",
-        epilog="example:\n" + "\n".join("  " + line for line in EXAMPLE.splitlines()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples_epilog(EXAMPLE),
+        formatter_class=ExamplesHelpFormatter,
     )
     types = {
         "per_device_train_batch_size": int,
