@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from ...processing_llava_trim import _open_image_source
+from .tasks.common import read_jsonl
 
 
 def read_json_records(path: Path) -> list | dict:
@@ -16,22 +17,14 @@ def read_json_records(path: Path) -> list | dict:
     `.jsonl` files are read line by line; for others the extension does not decide (POPE's `coco_pope_*.json` files,
     for one, hold JSON lines). A lone record (an object with a `question_id`) comes back as a one-record list.
     """
-    text = path.read_text(encoding="utf-8")
     if path.suffix != ".jsonl":
         try:
-            document = json.loads(text)
+            document = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             pass
         else:
             return [document] if isinstance(document, dict) and "question_id" in document else document
-    records = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg}).") from None
-    return records
+    return read_jsonl(path)
 
 
 def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
