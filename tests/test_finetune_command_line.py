@@ -175,13 +175,17 @@ def bad_data(data_dir, tmp_path, all_bad: bool):  # noqa: F811
     return path
 
 
-def test_no_skip_bad_samples_stops_in_one_line_without_an_empty_output(model_dir, data_dir, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("workers", [0, 1])  # read in this process, or in a data loader worker
+def test_no_skip_bad_samples_stops_in_one_line_without_an_empty_output(model_dir, data_dir, tmp_path, workers):  # noqa: F811
     flags = common_flags(model_dir, data_dir, tmp_path / "out") + ["--no_skip_bad_samples"]
+    flags += ["--dataloader_num_workers", str(workers)]
     flags[flags.index("--data_path") + 1] = str(bad_data(data_dir, tmp_path, all_bad=False))
     flags += ["--train_sampling_strategy", "sequential"]
     with pytest.raises(SystemExit) as refusal:
         main(flags)
-    assert "Record 'gone': image" in str(refusal.value) and "--no_skip_bad_samples stops" in str(refusal.value)
+    message = str(refusal.value)
+    assert message.startswith("error: Record 'gone': image ") and "--no_skip_bad_samples stops" in message
+    assert "Traceback" not in message
     assert not (tmp_path / "out").exists()
 
 

@@ -493,7 +493,15 @@ def main(argv: Sequence[str] | None = None):
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         if not existed:
             _remove_empty_folders(output)
-        raise SystemExit(f"error: {' '.join(str(error).split())}") from None
+        raise SystemExit(f"error: {_one_line(error)}") from None
+
+
+def _one_line(error: Exception) -> str:
+    """An error's message on one line; for one raised in a data loader worker, the worker's own message."""
+    message = str(error)
+    if "Original Traceback" in message:  # torch re-raises a worker's error with the worker's traceback as message
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(message.split())
 
 
 def _remove_empty_folders(folder: Path) -> None:
@@ -600,7 +608,7 @@ def train(args: FinetuneArguments, callbacks: Sequence | None = None):
     try:
         trainer.train(resume_from_checkpoint=resume)
     except BadSampleError as error:
-        raise ValueError(f"{error} (--no_skip_bad_samples stops at the first bad sample.)") from None
+        raise ValueError(f"{_one_line(error)} (--no_skip_bad_samples stops at the first bad sample.)") from None
     skipped = int(
         trainer.accelerator.reduce(torch.tensor(trainer.skipped_samples, device=training_args.device), "sum")
     )

@@ -273,6 +273,11 @@ class LlavaTrimTrainingArguments(TrainingArguments):
                 "--lora_enable with --deepspeed or --fsdp is not supported by this tool (the adapter is merged on one "
                 "process): train LoRA with plain data parallelism (torchrun / accelerate launch without them)."
             )
+        if self.lora_enable and self.push_to_hub:
+            raise ValueError(
+                "--push_to_hub with --lora_enable is not supported (the Trainer would upload the adapter over the "
+                "merged model): train, then upload the output folder with `hf upload`."
+            )
         if not _accelerator_available():
             self.use_cpu = True  # the CPU is the device anyway; bf16 then runs as CPU autocast
         if self.ddp_find_unused_parameters is None:
