@@ -246,7 +246,7 @@ def test_answer_endpoint_reports_bad_input_as_messages(server, picture, tmp_path
     cases = [
         ((handle_file(str(not_a_picture)), QUESTION, "auto"), "Could not open 'broken.png' as an image"),
         ((handle_file(str(picture)), "   ", "auto"), "The question is empty"),
-        ((handle_file(str(picture)), QUESTION, "1.5"), "TRIM mode '1.5' is not valid"),
+        ((handle_file(str(picture)), QUESTION, "1.5"), "'1.5' is not a trim_ratio"),
     ]
     for arguments, message in cases:
         with pytest.raises(Exception, match=message):
