@@ -25,7 +25,6 @@ text, heatmap_path, kept = client.predict(handle_file("bus.jpg"), "What is the c
 """
 
 import argparse
-import math
 import os
 import queue
 import statistics
@@ -40,6 +39,7 @@ import gradio as gr
 import torch
 from PIL import Image
 
+from ..configuration_llava_trim import parse_trim_ratio
 from ..processing_llava_trim import MAX_IMAGE_PIXELS, bounded_pad_and_resize, load_image
 from .loading import load_model_and_processor
 from .visualize import draw_kept_patches, pixel_values_to_image
@@ -63,22 +63,6 @@ MAX_QUEUE = 16  # requests waiting for the model (one runs at a time); Gradio re
 # ---------------------------------------------------------------------------------------------------------------------
 # TRIM modes
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def parse_mode(mode: str) -> float | None:
-    """`"auto"` -> `-1`, `"off"` -> `None`, `"0.25"` -> `0.25` (a keep ratio in (0, 1]); anything else is refused."""
-    text = str(mode).strip().lower()
-    if text in ("auto", "-1"):
-        return -1
-    if text in ("off", "none"):
-        return None
-    try:
-        ratio = float(text)
-    except ValueError:
-        ratio = math.nan
-    if not 0 < ratio <= 1:
-        raise ValueError(f"TRIM mode {mode!r} is not valid: use 'auto', 'off' or a keep ratio in (0, 1] such as 0.25.")
-    return ratio
 
 
 def mode_from_controls(choice: str, ratio: float) -> str:
@@ -322,7 +306,7 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
         question = check_question(question)
         if image_path is None:
             raise gr.Error("Upload an image (or pick an example) first.")
-        trim_ratio = parse_mode(mode_from_controls(choice, ratio))
+        trim_ratio = parse_trim_ratio(mode_from_controls(choice, ratio))
         new_image = image_path != conversation_image or not messages
         if not new_image:
             check_turns(messages)
@@ -361,7 +345,7 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
         if not prompt:
             gr.Warning("Ask a question first: the prefill is timed on its prompt.")
             return gr.skip()
-        trim_ratio = parse_mode(mode_from_controls(choice, ratio))
+        trim_ratio = parse_trim_ratio(mode_from_controls(choice, ratio))
         inputs = chat.prepare(prompt, trim_ratio).inputs
         device = chat.model.device.type
         off_ms, off_positions = chat.prefill_ms(inputs, None)
@@ -384,7 +368,7 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
         image_path = uploaded_path(image_upload)
         question = check_question(question)
         try:
-            trim_ratio = parse_mode(mode)
+            trim_ratio = parse_trim_ratio(mode)
         except ValueError as error:
             raise gr.Error(str(error)) from None
         image = read_image(image_path, chat.processor.image_processor)
