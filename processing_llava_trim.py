@@ -13,6 +13,17 @@ import urllib.parse
 import urllib.request
 from typing import Any, TypeAlias
 
+import transformers
+
+# The oldest transformers this file runs on (README: Supported versions), checked before anything else is imported
+# from it: 5.24 brought the `cache` keyword that the model and generation pass around (5.20 to 5.23 load the files,
+# then lose the cache in `generate`), and 5.19 lacks `SubConfigSpec`.
+if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 24):
+    raise ImportError(
+        f"LLaVA-TRIM needs transformers >= 5.24 and found {transformers.__version__}: "
+        'run `pip install -U "transformers>=5.24,<6"`.'
+    )
+
 import torch
 from transformers import AddedToken, AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature

@@ -30,6 +30,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
+from llava_trim.conversion.write import MIN_TRANSFORMERS_VERSION
 from llava_trim.convert_checkpoint import (
     build_parser,
     main,
@@ -356,6 +357,7 @@ def test_repository_files_auto_map_and_model_card(converted):
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_llava_trim.LlavaTrimForConditionalGeneration"
     assert config["auto_map"]["AutoConfig"] == "configuration_llava_trim.LlavaTrimConfig"
+    assert config["transformers_version"] == MIN_TRANSFORMERS_VERSION  # the oldest the code runs on, not the writer's
     assert json.loads((folder / "processor_config.json").read_text())["auto_map"]["AutoProcessor"].endswith(
         "LlavaTrimProcessor"
     )
@@ -371,6 +373,7 @@ def test_repository_files_auto_map_and_model_card(converted):
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
     assert card.data.license == "llama2" and card.data.base_model == "liuhaotian/llava-v1.5-7b"
     assert "trim" in card.data.tags and "custom_code" in card.data.tags
+    assert f'Needs transformers >= {MIN_TRANSFORMERS_VERSION} (`pip install -U "transformers>=' in card.text
 
 
 def test_model_card_usage_runs_as_written(converted, tmp_path):
