@@ -17,9 +17,15 @@ from llava_trim.tools.tiny import tiny_model
 
 RUNNER = textwrap.dedent(
     """
-    import json, sys, torch
+    import json, os, sys, torch, transformers
     from llava_trim.tools.finetune import main
 
+    if os.environ.get("FINETUNE_TEST_FLOAT64_SGD") == "1":  # see UPDATE_RTOL below
+        auto = transformers.AutoModelForImageTextToText
+        load = auto.from_pretrained
+        auto.from_pretrained = lambda *a, **k: load(*a, **{**k, "dtype": torch.float64})
+        init = transformers.TrainingArguments.__init__
+        transformers.TrainingArguments.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "optim": "sgd"})
     trainer = main(sys.argv[2:])
     rank = trainer.args.process_index
     state = {name: tensor.detach().cpu() for name, tensor in trainer.model.state_dict().items()}
@@ -50,9 +56,10 @@ def _launch(
     data_dir: Path,  # noqa: F811
     *args: str,
     mixed: bool = True,
+    float64_sgd: bool = False,
 ) -> dict:
     """Run the finetune tool through `launcher` on the mixed data (or the image records only); returns each rank's
-    final weights and logs, and the output."""
+    final weights and logs, and the output. `float64_sgd`: float64 weights and plain SGD instead of AdamW."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
@@ -65,6 +72,7 @@ def _launch(
     command += list(args)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
+    env["FINETUNE_TEST_FLOAT64_SGD"] = "1" if float64_sgd else "0"
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     ranks = [torch.load(path, weights_only=True) for path in sorted(tmp_path.glob("rank*.pt"))]
@@ -95,7 +103,24 @@ LAUNCHERS = {
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory, model_dir, data_dir):  # noqa: F811
     tmp_path = tmp_path_factory.mktemp("single")
-    return _launch([sys.executable], tmp_path, model_dir, data_dir, "--batch-size", "2", "--gradient-checkpointing")
+    options = ("--batch-size", "2", "--gradient-checkpointing")
+    return _launch([sys.executable], tmp_path, model_dir, data_dir, *options, float64_sgd=True)
+
+
+# Tolerance of the two-process vs one-process comparison, derived rather than observed. Both runs compute the same
+# float64 sums in different orders (one batch of 2 vs two batches of 1 plus an all-reduce). A sum of n terms in any
+# order is within n * u * sum(|terms|) of the exact one (u = 2**-53 = 1.1e-16); the longest reduction here is a weight
+# gradient over the 2 samples' positions (n < 2 * 2048 = 4.1e3, the tool's --max-length), so the noise is below
+# 4.1e3 * 1.1e-16 = 4.5e-13 of sum(|terms|), and below 1e-10 of the result while cancellation loses fewer than
+# 200x (sum(|terms|) / |sum|): that bound is the tolerance, on each tensor's update (final - initial weights), in norm.
+# Plain SGD makes the update lr * (sum of the 3 steps' gradients), a linear function of them (AdamW divides by the
+# square root of the second moment, which turns rounding noise in a near-zero gradient into a full-size update; that
+# is what failed in float32 on another CPU). A real fault (another sample on a process, another loss weighting)
+# changes the update by a whole sample's share, >= 1e-2 relative: 8 orders of magnitude above the tolerance.
+UPDATE_RTOL = 1e-10
+# The Trainer logs the loss through a float32 accumulator and a mean over the processes: a few float32 roundings
+# (<= 4 * 2**-24 = 2.4e-7 relative) on top of the float64 noise above.
+LOSS_RTOL = 1e-6
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
@@ -106,25 +131,29 @@ def test_two_processes_train_as_one_process_with_the_same_global_batch(
     data_dir,  # noqa: F811
     single_process,
 ):
-    two = _launch(LAUNCHERS[launcher], tmp_path, model_dir, data_dir, "--batch-size", "1", "--gradient-checkpointing")
+    options = ("--batch-size", "1", "--gradient-checkpointing")
+    two = _launch(LAUNCHERS[launcher], tmp_path, model_dir, data_dir, *options, float64_sgd=True)
     assert [rank["world_size"] for rank in two["ranks"]] == [2, 2]
     assert [rank["world_size"] for rank in single_process["ranks"]] == [1]
 
     # every rank ends with the same weights, and they are the one-process run's weights
     first, second = (rank["state"] for rank in two["ranks"])
     reference = single_process["ranks"][0]["state"]
-    initial = tiny_model(seed=0).state_dict()
+    initial = {name: tensor.double() for name, tensor in tiny_model(seed=0).state_dict().items()}
     assert first.keys() == reference.keys()
     for name, tensor in reference.items():
+        assert tensor.dtype == torch.float64, name
         assert torch.equal(first[name], second[name]), name
-        torch.testing.assert_close(first[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
         frozen = name.startswith(("model.vision_tower.", "model.trim_scorer."))
         assert torch.equal(tensor, initial[name]) == frozen, name
+        update, two_process_update = tensor - initial[name], first[name] - initial[name]
+        difference = torch.linalg.vector_norm(two_process_update - update)
+        assert difference <= UPDATE_RTOL * torch.linalg.vector_norm(update), (name, difference)
 
     # the loss is weighted by answer tokens over both processes, as one process weights its batch
     losses = [[entry["loss"] for entry in run["ranks"][0]["log"] if "loss" in entry] for run in (two, single_process)]
     assert len(losses[0]) == len(losses[1]) == 3
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert losses[0] == pytest.approx(losses[1], rel=LOSS_RTOL)
 
     # one process wrote the output, and it is what the ranks trained
     assert two["stdout"].count("saved the fine-tuned model") == 1
