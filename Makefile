@@ -84,7 +84,7 @@ $(DEMO_MODEL)/config.json: | install
 	$(BIN)/python -m llava_trim.tools.demo --keep demo-output
 
 test: install-test install-lmms-eval install-oldest-transformers
-	LLAVA_TRIM_REQUIRE_LMMS_EVAL=1 LLAVA_TRIM_OLDEST_TRANSFORMERS_PYTHON=$(OLDEST_VENV)/bin/python \
+	LLAVA_TRIM_REQUIRE_LMMS_EVAL=1 LLAVA_TRIM_OLDEST_TRANSFORMERS_PYTHON=$(CURDIR)/$(OLDEST_VENV)/bin/python \
 		$(BIN)/python -m pytest -q
 
 lint: install-test

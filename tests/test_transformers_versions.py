@@ -78,7 +78,7 @@ def _oldest_python() -> str:
     """The oldest-transformers environment's python; a skip where it is absent, a failure where CI requires it."""
     required = OLDEST_PYTHON_VARIABLE in os.environ or bool(os.environ.get("CI"))
     default = REPO_ROOT / f".venv-transformers-{MIN_TRANSFORMERS_VERSION}" / "bin" / "python"
-    python = Path(os.environ.get(OLDEST_PYTHON_VARIABLE) or default)
+    python = Path(os.environ.get(OLDEST_PYTHON_VARIABLE) or default).absolute()  # not resolve(): keep the venv's link
     if not python.is_file():
         message = f"no python at {python}: `make install-oldest-transformers` builds that environment"
         if required:
