@@ -5,6 +5,18 @@ import math
 import numbers
 from typing import Literal
 
+import transformers
+
+# The oldest transformers this file runs on (README: Supported versions), checked before anything else is imported
+# from it: 5.24 brought the `cache` keyword that the model and generation pass around (5.20 to 5.23 load the files,
+# then `generate` hands the model its cache under another name), 5.20 to 5.22 also lack the processor's
+# `_normalize_conversations`, and 5.19 `SubConfigSpec`.
+if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 24):
+    raise ImportError(
+        f"LLaVA-TRIM needs transformers >= 5.24 and found {transformers.__version__}: "
+        'run `pip install -U "transformers>=5.24,<6"`.'
+    )
+
 from huggingface_hub.dataclasses import strict, validated_field
 from transformers import CLIPTextConfig, LlavaConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec

@@ -24,6 +24,8 @@ logger = logging.getLogger("llava_trim.convert_checkpoint")
 CODE_FILES = ("configuration_llava_trim.py", "modeling_llava_trim.py", "processing_llava_trim.py")
 DEFAULT_MAX_NEW_TOKENS = 512
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
+# The oldest transformers the code files run on: they check it at import, and `config.json` and the model card state it
+MIN_TRANSFORMERS_VERSION = "5.24.0"
 ROLES = {"--llava": "LLaVA weights", "--language-model": "language model", "--projector": "projector"}
 
 
@@ -177,6 +179,11 @@ def write_config(plan: ConversionPlan, folder: Path) -> None:
         "AutoModelForImageTextToText": "modeling_llava_trim.LlavaTrimForConditionalGeneration",
     }
     plan.config.save_pretrained(folder)
+    # transformers records the version that wrote the file; the repository needs the oldest its code runs on
+    path = folder / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["transformers_version"] = MIN_TRANSFORMERS_VERSION
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for name in CODE_FILES:
         shutil.copyfile(package_file(name), folder / name)
 
@@ -294,6 +301,7 @@ def write_model_card(
         ),
         weights_from=" and ".join(f"`{name}`" for name in names.values()),
         license=license_name,
+        min_transformers=MIN_TRANSFORMERS_VERSION,
     )
     ModelCard(content).save(folder / "README.md")
     shutil.copyfile(package_file("LICENSE"), folder / "LICENSE")

@@ -202,7 +202,8 @@ def test_scienceqa_score_equals_llava_eval_science_qa(tmp_path, monkeypatch):
 
     ours = ScienceQA(tmp_path).score(records, [])
     assert ours["accuracy"] * 100 == pytest.approx(reference["acc"])
-    assert ours["img_accuracy"] == pytest.approx(image_accuracy, abs=5e-5)
+    # LLaVA prints IMG-Accuracy as a percentage with 2 decimals: half of 0.01 % is 5e-5 (plus float64 noise)
+    assert ours["img_accuracy"] == pytest.approx(image_accuracy, abs=5e-5 + 1e-12)
     assert ours["accuracy"] == pytest.approx(4 / 9)  # by hand: the four marked True, of nine
     for text, answer, count, correct in SCIENCE_CRAFTED:
         letter = scienceqa_letter(text)

@@ -217,7 +217,7 @@ def test_collator_matches_what_the_processor_gives_at_inference(preprocessing, d
     assert torch.equal(batch["input_ids"][0, :prompt_length], inference["input_ids"][0])
     assert (batch["labels"][0, :prompt_length] == IGNORE_INDEX).all()  # the answer starts right after the prompt
     assert batch["labels"][0, prompt_length] != IGNORE_INDEX
-    torch.testing.assert_close(batch["pixel_values"], inference["pixel_values"], rtol=0, atol=1e-6)
+    assert torch.equal(batch["pixel_values"], inference["pixel_values"])  # the same image processor
     question_length = int(batch["trim_attention_mask"].sum())
     assert torch.equal(batch["trim_input_ids"][0], inference["trim_input_ids"][0, :question_length])
 
@@ -363,7 +363,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(dataset, collator):
         gradients.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
     assert gradients[0].keys() == gradients[1].keys()
     for name, gradient in gradients[0].items():
-        torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(gradients[1][name], gradient), name  # checkpointing recomputes the same operations
 
 
 def test_preprocessing_from_separate_folders(preprocessing):
@@ -411,6 +411,7 @@ def test_command_line_lora_run_reloads_through_auto_classes_in_a_fresh_process(
         f"""
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
+        torch.set_num_threads({torch.get_num_threads()})  # this process's split of the sums: the same bits
         model = AutoModelForImageTextToText.from_pretrained({str(output)!r}, trust_remote_code=True).eval()
         assert type(AutoProcessor.from_pretrained({str(output)!r}, trust_remote_code=True)).__name__ == (
             "LlavaTrimProcessor"
@@ -440,4 +441,4 @@ def test_command_line_lora_run_reloads_through_auto_classes_in_a_fresh_process(
     initial.load_state_dict(state)
     with torch.no_grad():
         expected = initial.eval()(**batch)
-    torch.testing.assert_close(reloaded["logits"], expected.logits, rtol=0, atol=1e-5)
+    assert torch.equal(reloaded["logits"], expected.logits)  # the same weights and operations on the same machine

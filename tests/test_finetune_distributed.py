@@ -17,9 +17,16 @@ from llava_trim.tools.tiny import tiny_model
 
 RUNNER = textwrap.dedent(
     """
-    import json, sys, torch
+    import json, os, sys, torch, transformers
     from llava_trim.tools.finetune import main
 
+    if os.environ.get("FINETUNE_TEST_FLOAT64") == "1":  # see UPDATE_RTOL below
+        auto = transformers.AutoModelForImageTextToText
+        load = auto.from_pretrained
+        auto.from_pretrained = lambda *a, **k: load(*a, **{**k, "dtype": torch.float64})
+    if os.environ.get("FINETUNE_TEST_SGD") == "1":
+        init = transformers.TrainingArguments.__init__
+        transformers.TrainingArguments.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "optim": "sgd"})
     trainer = main(sys.argv[2:])
     rank = trainer.args.process_index
     state = {name: tensor.detach().cpu() for name, tensor in trainer.model.state_dict().items()}
@@ -50,9 +57,11 @@ def _launch(
     data_dir: Path,  # noqa: F811
     *args: str,
     mixed: bool = True,
+    float64: bool = True,
 ) -> dict:
-    """Run the finetune tool through `launcher` on the mixed data (or the image records only); returns each rank's
-    final weights and logs, and the output."""
+    """Run the finetune tool through `launcher` on the mixed data (or the image records only), with plain SGD instead
+    of AdamW and float64 weights unless `float64=False` (see UPDATE_RTOL); returns each rank's final weights and logs,
+    and the output."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
@@ -65,6 +74,7 @@ def _launch(
     command += list(args)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
+    env.update(FINETUNE_TEST_SGD="1", FINETUNE_TEST_FLOAT64="1" if float64 else "0")
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     ranks = [torch.load(path, weights_only=True) for path in sorted(tmp_path.glob("rank*.pt"))]
@@ -95,7 +105,24 @@ LAUNCHERS = {
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory, model_dir, data_dir):  # noqa: F811
     tmp_path = tmp_path_factory.mktemp("single")
-    return _launch([sys.executable], tmp_path, model_dir, data_dir, "--batch-size", "2", "--gradient-checkpointing")
+    options = ("--batch-size", "2", "--gradient-checkpointing")
+    return _launch([sys.executable], tmp_path, model_dir, data_dir, *options)
+
+
+# Tolerance of the two-process vs one-process comparison, derived rather than observed. Both runs compute the same
+# float64 sums in different orders (one batch of 2 vs two batches of 1 plus an all-reduce). A sum of n terms in any
+# order is within n * u * sum(|terms|) of the exact one (u = 2**-53 = 1.1e-16); the longest reduction here is a weight
+# gradient over the 2 samples' positions (n < 2 * 2048 = 4.1e3, the tool's --max-length), so the noise is below
+# 4.1e3 * 1.1e-16 = 4.5e-13 of sum(|terms|), and below 1e-10 of the result while cancellation loses fewer than
+# 200x (sum(|terms|) / |sum|): that bound is the tolerance, on each tensor's update (final - initial weights), in norm.
+# Plain SGD makes the update lr * (sum of the 3 steps' gradients), a linear function of them (AdamW divides by the
+# square root of the second moment, which turns rounding noise in a near-zero gradient into a full-size update; that
+# is what failed in float32 on another CPU). A real fault (another sample on a process, another loss weighting)
+# changes the update by a whole sample's share, >= 1e-2 relative: 8 orders of magnitude above the tolerance.
+UPDATE_RTOL = 1e-10
+# The Trainer logs the loss through a float32 accumulator and a mean over the processes: a few float32 roundings
+# (<= 4 * 2**-24 = 2.4e-7 relative) on top of the float64 noise above.
+LOSS_RTOL = 1e-6
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
@@ -106,25 +133,29 @@ def test_two_processes_train_as_one_process_with_the_same_global_batch(
     data_dir,  # noqa: F811
     single_process,
 ):
-    two = _launch(LAUNCHERS[launcher], tmp_path, model_dir, data_dir, "--batch-size", "1", "--gradient-checkpointing")
+    options = ("--batch-size", "1", "--gradient-checkpointing")
+    two = _launch(LAUNCHERS[launcher], tmp_path, model_dir, data_dir, *options)
     assert [rank["world_size"] for rank in two["ranks"]] == [2, 2]
     assert [rank["world_size"] for rank in single_process["ranks"]] == [1]
 
     # every rank ends with the same weights, and they are the one-process run's weights
     first, second = (rank["state"] for rank in two["ranks"])
     reference = single_process["ranks"][0]["state"]
-    initial = tiny_model(seed=0).state_dict()
+    initial = {name: tensor.double() for name, tensor in tiny_model(seed=0).state_dict().items()}
     assert first.keys() == reference.keys()
     for name, tensor in reference.items():
+        assert tensor.dtype == torch.float64, name
         assert torch.equal(first[name], second[name]), name
-        torch.testing.assert_close(first[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
         frozen = name.startswith(("model.vision_tower.", "model.trim_scorer."))
         assert torch.equal(tensor, initial[name]) == frozen, name
+        update, two_process_update = tensor - initial[name], first[name] - initial[name]
+        difference = torch.linalg.vector_norm(two_process_update - update)
+        assert difference <= UPDATE_RTOL * torch.linalg.vector_norm(update), (name, difference)
 
     # the loss is weighted by answer tokens over both processes, as one process weights its batch
     losses = [[entry["loss"] for entry in run["ranks"][0]["log"] if "loss" in entry] for run in (two, single_process)]
     assert len(losses[0]) == len(losses[1]) == 3
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert losses[0] == pytest.approx(losses[1], rel=LOSS_RTOL)
 
     # one process wrote the output, and it is what the ranks trained
     assert two["stdout"].count("saved the fine-tuned model") == 1
@@ -136,19 +167,44 @@ def test_two_processes_train_as_one_process_with_the_same_global_batch(
         assert torch.equal(tensor, first[name]), name
 
 
+# DeepSpeed's CPU accelerator trains in float32 only, so its run is compared with the float64 one-process run (plain
+# SGD on both sides, as above) through a float32 bound on each tensor's update U = final - initial weights, in norm:
+# - rounding of the sums: the longest has n < 1.2e3 terms (2 image samples' ~600 positions); by Higham and Mary's
+#   probabilistic bound (SIAM J. Sci. Comput. 2019) a float32 sum is within lambda sqrt(n) u sum(|terms|) of the exact
+#   one except with probability < 2 exp(-lambda^2 / 2), so with lambda = 8 (< 3e-14 per sum),
+#   8 * 35 * 2**-24 = 1.7e-5 of sum(|terms|); through the ~10 chained sums of the forward and backward passes and
+#   cancellation below 5x, under 1e-3 of the update;
+# - rounding of the weights at each of the 3 steps: <= 3 u ||w|| (computed, not assumed).
+# A real fault (a sample missed or counted twice, another loss weighting, a lost shard) moves the update by a whole
+# sample's share, >= 1e-2 of it: 10x above the tolerance.
+FLOAT32_UPDATE_RTOL = 1e-3
+
+
 def _compare_with_single_process(run: dict, single_process: dict, sharded: bool = False) -> None:
     reference = single_process["ranks"][0]["state"]
+    initial = {name: tensor.double() for name, tensor in tiny_model(seed=0).state_dict().items()}
+
+    def assert_same_update(name: str, tensor: torch.Tensor) -> None:
+        assert tensor.dtype == torch.float32 and reference[name].dtype == torch.float64, name
+        update, reference_update = tensor.double() - initial[name], reference[name] - initial[name]
+        difference = torch.linalg.vector_norm(update - reference_update)
+        bound = FLOAT32_UPDATE_RTOL * torch.linalg.vector_norm(reference_update)
+        bound += 3 * 2.0**-24 * torch.linalg.vector_norm(tensor.double())
+        assert difference <= bound, (name, difference, bound)
+
     for rank in [] if sharded else run["ranks"]:  # a sharded model's state on one rank is that rank's shard
         for name, tensor in rank["state"].items():
-            torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+            assert_same_update(name, tensor)
     from transformers import AutoModelForImageTextToText
 
     # read back as users do: under ZeRO-3 the Trainer saves the gathered weights under the legacy LLaVA key names
     # (`language_model.model.*`), which loading maps back
-    saved = AutoModelForImageTextToText.from_pretrained(run["output"], trust_remote_code=True).state_dict()
+    saved = AutoModelForImageTextToText.from_pretrained(
+        run["output"], trust_remote_code=True, dtype=torch.float32
+    ).state_dict()
     assert saved.keys() == reference.keys()
     for name, tensor in saved.items():
-        torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+        assert_same_update(name, tensor)
 
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -172,12 +228,11 @@ def test_deepspeed_on_two_processes_trains_as_one_process(
     """DeepSpeed runs on CPU too (its CPU accelerator): ZeRO-2 and ZeRO-3 with the shipped configs end where one
     process without DeepSpeed ends, and the saved model (ZeRO-3's shards gathered) holds those weights.
 
-    On image records only: DeepSpeed's optimiser updates a parameter that got no gradient in a step (the projector in
-    a text-only step) as if its gradient were zero (its Adam moments keep moving it), where torch's AdamW leaves it,
-    so on mixed data the projector legitimately differs from the one-process run."""
-    run = _launch(
-        LAUNCHERS["torchrun"], tmp_path, model_dir, data_dir, "--batch-size", "1", "--deepspeed", config, mixed=False
-    )
+    On image records only: with AdamW (the tool's default), DeepSpeed's optimiser updates a parameter that got no
+    gradient in a step (the projector in a text-only step) as if its gradient were zero (its Adam moments keep moving
+    it), where torch's AdamW leaves it; the comparison itself runs with plain SGD (see FLOAT32_UPDATE_RTOL)."""
+    options = ("--batch-size", "1", "--deepspeed", config)
+    run = _launch(LAUNCHERS["torchrun"], tmp_path, model_dir, data_dir, *options, mixed=False, float64=False)
     assert [rank["world_size"] for rank in run["ranks"]] == [2, 2]
     assert run["stdout"].count("saved the fine-tuned model") == 1
     _compare_with_single_process(run, single_process_images, sharded=config == "zero3")

@@ -77,7 +77,7 @@ def test_cpu_and_disk_offload_generates_what_one_device_generates(
     with torch.no_grad():
         logits = offloaded(**inputs, trim_ratio=trim_ratio).logits
         expected_logits = reference(**inputs, trim_ratio=trim_ratio).logits
-    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5)
+    assert torch.equal(logits, expected_logits)  # offload moves the weights, not the operations
 
 
 def test_offload_with_the_vision_tower_in_the_offload_folder(tmp_path, saved_model, reference, inputs):
@@ -186,7 +186,7 @@ def test_bitsandbytes_keeps_vision_clip_and_projector_unquantised(saved_model, r
     selection = model.select_image_tokens(**device_inputs)
     expected = reference.select_image_tokens(**inputs)
     assert torch.equal(selection.keep_mask.cpu(), expected.keep_mask)
-    torch.testing.assert_close(selection.probs.cpu(), expected.probs, rtol=0, atol=1e-6)
+    assert torch.equal(selection.probs.cpu(), expected.probs)  # the same float32 modules on the same tensors
     generated = _generate(model, device_inputs)
     assert generated.sequences.shape == (2, inputs["input_ids"].shape[1] + 6)
 
