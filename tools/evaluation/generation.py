@@ -190,8 +190,8 @@ def run_setting(
     """Answer every question of `questions` (in order), batch by batch, into `answer_file`; return how many lines
     were written.
 
-    A question whose image cannot be read (missing pixels, over the pixel limit, a decompression bomb) gets an
-    [`error_record`] instead of an answer, and the rest of its batch is answered without it.
+    A question whose image cannot be read (not an image Pillow reads, over the pixel limit, a decompression bomb)
+    gets an [`error_record`] instead of an answer, and the rest of its batch is answered without it.
     `generation` holds `max_new_tokens` (and the other options recorded with each answer, such as `dtype`)."""
     added = 0
     with tqdm(total=len(questions), desc=f"TRIM {setting.name}", unit="q", disable=not progress) as bar:
