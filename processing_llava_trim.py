@@ -139,7 +139,7 @@ def load_image(image) -> PILImage:
     if isinstance(image, os.PathLike):
         image = _open_image_file(os.fspath(image), repr(os.fspath(image)))
     elif isinstance(image, str):
-        image = _open_image_source(image)
+        image = open_image(image)
     elif isinstance(image, torch.Tensor) or is_numpy_array(image):
         image = _array_to_pil(image)
     elif not is_pil_image(image):
@@ -169,8 +169,20 @@ def check_image_pixels(width: int, height: int) -> None:
         )
 
 
-def _open_image_source(source: str) -> PILImage:
-    """Open a path, file URL, http(s) URL or base64 string with PIL, pixels as stored (decoded by `load_image`)."""
+def open_image(source: str) -> PILImage:
+    """
+    Open one image named by a string with PIL, its first frame decoded as stored (no EXIF rotation, no conversion).
+
+    `source` is a local path, a `file://` or `http(s)://` URL, or a base64 string (optionally a `data:image/...`
+    URL). Work is bounded as in [`load_image`]: an image over [`MAX_IMAGE_PIXELS`] pixels (or PIL's limit, when
+    lower) is refused from its header, a decompression bomb is refused, and only the first frame of an animated
+    image is decoded. [`load_image`] calls it, then makes the image upright RGB; LLaVA's evaluation scripts want the
+    stored pixels instead (`Image.open(...).convert("RGB")`).
+
+    Raises:
+        `ValueError`: when the source cannot be found, downloaded or decoded, or holds too many pixels; the message
+            is one sentence naming the image.
+    """
     shown = source if len(source) <= 200 else source[:200] + "..."
     if source.startswith(("http://", "https://")):
         try:
@@ -952,6 +964,7 @@ __all__ = [
     "check_image_pixels",
     "llava_image_processor",
     "load_image",
+    "open_image",
     "questions_from_messages",
     "questions_from_prompt",
     "single_turn_messages",

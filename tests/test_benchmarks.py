@@ -319,3 +319,33 @@ def test_pope_on_a_part_of_the_questions_says_partial_and_averages_what_was_answ
     header, row = (re.split(r"\s{2,}", line.strip()) for line in printed.splitlines()[1:3])  # after "== pope"
     assert row[header.index("accuracy")] == "100.00%"  # the benchmark's accuracy, not "-"
     assert row[header.index("yes/no F1")] == "1.000"
+
+
+def test_a_bad_image_leaves_its_question_unanswered_in_the_official_files(model_dir, tmp_path, capsys):
+    """VizWiz's server file needs every question, so none is written; VQAv2's gets an empty answer (as for any
+    unanswered question); once the files are fixed, the same command answers the questions and writes both."""
+    root = build_llava_eval(tmp_path / "eval")
+    vizwiz_image = root / "vizwiz/test/VizWiz_test_00000000.jpg"
+    vqav2_image = root / "vqav2/test2015/COCO_test2015_000000262144.jpg"  # both VQAv2 questions ask about it
+    good_vizwiz, good_vqav2 = vizwiz_image.read_bytes(), vqav2_image.read_bytes()
+    vizwiz_image.write_bytes(b"\xff\xd8 not a JPEG")
+    vqav2_image.write_bytes(b"")
+    output = tmp_path / "out"
+    assert main(cli(model_dir, root, output, "vqav2", "vizwiz")) == 1
+    captured = capsys.readouterr()
+    assert "VizWiz (test): 1 questions are unanswered, so no submission file was written" in captured.err
+    assert "error: 3 answers could not be given (question_id 262144000, 262144001, 0)" in captured.err
+    vizwiz = read_jsonl(output / "vizwiz" / "answers_auto.jsonl")
+    assert "VizWiz_test_00000000.jpg" in vizwiz[0]["error"] and "error" not in vizwiz[1]
+    assert not (output / "vizwiz" / "vizwiz_test_auto.json").exists()
+    submission = json.loads((output / "vqav2" / "vqav2_test-dev2015_auto.json").read_text())
+    assert [item["answer"] for item in submission] == ["", "", ""]
+    summary = json.loads((output / "vizwiz" / "summary.json").read_text())["settings"][0]
+    assert (summary["num_answered"], summary["num_errors"], summary["official_files"]) == (1, 1, [])
+
+    vizwiz_image.write_bytes(good_vizwiz)
+    vqav2_image.write_bytes(good_vqav2)
+    assert main(cli(model_dir, root, output, "vqav2", "vizwiz")) == 0
+    assert read_jsonl(output / "vizwiz" / "answers_auto.jsonl")[1] == vizwiz[1]  # kept, not asked again
+    assert len(json.loads((output / "vizwiz" / "vizwiz_test_auto.json").read_text())) == 2
+    assert all("error" not in answer for answer in read_jsonl(output / "vqav2" / "answers_auto.jsonl"))

@@ -1,10 +1,15 @@
 """Tests of `llava_trim.tools.evaluate`: metrics on hand-checked cases, LLaVA answer files, resuming."""
 
 import json
+import re
+import shutil
+import struct
+import zlib
 
 import pytest
 from PIL import Image, ImageDraw
 
+import llava_trim.processing_llava_trim as processing
 import llava_trim.tools.evaluate as evaluate_module
 from llava_trim.tools.evaluate import main
 from llava_trim.tools.evaluation.answers import AnswerFile, Setting, new_answer_id
@@ -447,9 +452,11 @@ def test_missing_or_broken_images_are_named(model_dir, dataset, tmp_path, capsys
 
     (tmp_path / "broken.png").write_bytes(b"not a png")
     write_jsonl(questions, [{"question_id": 8, "image": "broken.png", "text": "Hi?"}])
-    assert main(args) == 2
-    error = capsys.readouterr().err
-    assert "Cannot read the image" in error and "broken.png" in error and "question_id 8" in error
+    assert main(args) == 1  # the run ends, the question's record holds the reason
+    assert "1 answers could not be given (question_id 8)" in capsys.readouterr().err
+    (answer,) = read_jsonl(tmp_path / "out" / "answers_auto.jsonl")
+    assert "Cannot read the image" in answer["error"] and "broken.png" in answer["error"]
+    assert "question_id 8" in answer["error"] and answer["text"] == ""
 
 
 def test_resuming_with_other_generation_options_is_refused(model_dir, dataset, tmp_path, capsys, monkeypatch):
@@ -472,3 +479,82 @@ def test_resuming_with_other_generation_options_is_refused(model_dir, dataset, t
     args[args.index("--max-new-tokens") + 1] = "3"
     assert main(args) == 2
     assert "'dtype': 'bfloat16'" in capsys.readouterr().err
+
+
+def over_limit_png(path):
+    """A PNG whose header says 8000 x 8000 (64 million pixels, over `MAX_IMAGE_PIXELS`) with almost no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 8000, 8000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+
+
+def test_a_bad_image_is_an_error_in_the_answer_file_and_a_rerun_retries_it(model_dir, dataset, tmp_path, capsys):
+    """An unreadable file and an over-limit one among good images: the run goes on, the two records carry the error,
+    the others are the answers of a run without them, and once the files are fixed a rerun answers just those two."""
+    root, questions = dataset
+    assert processing.MAX_IMAGE_PIXELS < 8000 * 8000
+    images = tmp_path / "images"
+    shutil.copytree(root / "images", images)
+    (images / "val" / "broken.png").write_bytes(b"not a png at all")
+    over_limit_png(images / "val" / "huge.png")
+    bad = [
+        {"question_id": "bad-1", "image": "val/broken.png", "text": "Is there a circle?" + SHORT, "answer": "yes"},
+        {"question_id": "bad-2", "image": "val/huge.png", "text": "What colour?" + SHORT, "answer": "red"},
+    ]
+    # batches of 3 here give the same generate calls as batches of 2 without the bad questions
+    mixed = [questions[0], bad[0], questions[1], questions[2], bad[1], *questions[3:]]
+    write_jsonl(tmp_path / "mixed.jsonl", mixed)
+
+    assert main(cli_args(model_dir, dataset, tmp_path / "clean", ["auto"], batch_size=2)) == 0
+    clean = read_jsonl(tmp_path / "clean" / "answers_auto.jsonl")
+    clean_summary = json.loads((tmp_path / "clean" / "summary.json").read_text())["settings"][0]
+    capsys.readouterr()
+
+    args = cli_args(model_dir, dataset, tmp_path / "mixed", ["auto"], batch_size=3)
+    args[args.index("--questions") + 1] = str(tmp_path / "mixed.jsonl")
+    args[args.index("--image-folder") + 1] = str(images)
+    assert main(args) == 1  # incomplete, and says so in one line
+    captured = capsys.readouterr()
+    (error,) = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert error.startswith("error: 2 answers could not be given (question_id 'bad-1', 'bad-2')")
+    answers = read_jsonl(tmp_path / "mixed" / "answers_auto.jsonl")
+    assert [a["question_id"] for a in answers] == [q["question_id"] for q in mixed]
+    by_id = {a["question_id"]: a for a in answers}
+    for failed, reason in (("bad-1", "broken.png"), ("bad-2", "8000x8000 = 64,000,000 pixels, over the limit")):
+        assert by_id[failed]["text"] == "" and reason in by_id[failed]["error"]
+        assert f"question_id {failed!r}" in by_id[failed]["error"] and by_id[failed]["error"].count(". ") == 0
+    for answer in clean:  # the same text, kept tokens and batch as without the bad questions
+        mine = by_id[answer["question_id"]]
+        assert "error" not in mine and mine["text"] == answer["text"]
+        for key in ("num_kept", "image_tokens", "num_new_tokens", "batch_size"):
+            assert mine["metadata"][key] == answer["metadata"][key]
+
+    summary = json.loads((tmp_path / "mixed" / "summary.json").read_text())["settings"][0]
+    assert (summary["num_answered"], summary["num_errors"], summary["num_questions"]) == (5, 2, 7)
+    assert [error["question_id"] for error in summary["errors"]] == ["bad-1", "bad-2"]
+    assert summary["errors"][0]["error"] == by_id["bad-1"]["error"]
+    assert summary["partial"] == "5 of 7 questions answered, 2 could not be"
+    # an error is an unanswered question, not a wrong answer: the scores are those of the clean run
+    assert summary["num_scored"] == clean_summary["num_scored"] == 4
+    assert summary["accuracy"] == clean_summary["accuracy"]
+    header, row = (re.split(r"\s{2,}", line.strip()) for line in captured.out.splitlines()[:2])
+    assert row[header.index("answered")] == "5/7" and row[header.index("errors")] == "2"
+    assert "auto: 2 questions could not be answered (question_id 'bad-1', 'bad-2'); the first: Cannot" in captured.out
+
+    # fixed files: the rerun answers the two questions, keeps every other record as it was
+    Image.new("RGB", (120, 90), (220, 40, 40)).save(images / "val" / "broken.png")
+    Image.new("RGB", (90, 120), (40, 60, 220)).save(images / "val" / "huge.png")
+    assert main(args) == 0
+    resumed = read_jsonl(tmp_path / "mixed" / "answers_auto.jsonl")
+    assert [a["question_id"] for a in resumed] == [q["question_id"] for q in mixed]
+    assert [a for a in resumed if a["question_id"] not in ("bad-1", "bad-2")] == clean_records(answers)
+    assert all("error" not in a and a["metadata"]["num_kept"] > 0 for a in resumed)
+    summary = json.loads((tmp_path / "mixed" / "summary.json").read_text())["settings"][0]
+    assert (summary["num_answered"], summary["num_errors"]) == (7, 0) and "partial" not in summary
+
+
+def clean_records(answers):
+    return [a for a in answers if "error" not in a]

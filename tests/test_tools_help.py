@@ -27,3 +27,9 @@ def test_help_examples_parse(tool, parse, capsys):
     assert commands, help_text[-500:]
     for command in commands:
         assert parse(command) is not None, command
+
+
+def test_app_help_example_parses(capsys):
+    app = pytest.importorskip("llava_trim.tools.app", exc_type=ImportError)  # needs the `app` extra (gradio)
+    test_help_examples_parse(app, app.parse_args, capsys)
+    assert app.parse_args(["--model", "m"]).port == 7860

@@ -41,6 +41,7 @@ from PIL import Image
 
 from ..configuration_llava_trim import parse_trim_ratio
 from ..processing_llava_trim import MAX_IMAGE_PIXELS, bounded_pad_and_resize, load_image
+from .cli import command_parser
 from .loading import load_model_and_processor
 from .visualize import draw_kept_patches, pixel_values_to_image
 
@@ -468,11 +469,18 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
     return demo
 
 
+EXAMPLE = """\
+python -m llava_trim.tools.app --model path/to/llava-v1.5-7b-trim --port 7860
+# on every interface of this machine, with longer answers
+python -m llava_trim.tools.app --model path/to/llava-v1.5-7b-trim --host 0.0.0.0 --max-new-tokens 512"""
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m llava_trim.tools.app",
-        description="A Gradio page for a converted LLaVA-TRIM model: chat about an image, see what TRIM keeps.",
-        epilog="Example: python -m llava_trim.tools.app --model path/to/llava-v1.5-7b-trim --port 7860",
+    """The page's command line (see `--help`)."""
+    parser = command_parser(
+        "python -m llava_trim.tools.app",
+        "A Gradio page for a converted LLaVA-TRIM model: chat about an image, see what TRIM keeps.",
+        EXAMPLE,
     )
     parser.add_argument("--model", required=True, help="Converted LLaVA-TRIM folder or Hub repository id.")
     parser.add_argument(

@@ -20,6 +20,10 @@ answers a contiguous share of the questions into its own part file; the first pr
 flushed one at a time: a rerun with the same output folder (any number of processes) answers only what is missing,
 and refuses answers written by another model or with other generation options.
 
+A question whose image cannot be read (not an image, over the pixel limit, a decompression bomb) does not stop the
+run: its record in the answer file has an empty `text` and an `error`, it counts as unanswered (scores, submission
+files), the summary counts and names it, the command exits with status 1, and a rerun retries it.
+
 This file is the command line; the parts are in `llava_trim.tools.evaluation` (questions, answer files and resume,
 processes, generation, scoring) and the benchmarks in `llava_trim.tools.evaluation.tasks`.
 
@@ -43,6 +47,7 @@ from .evaluation.answers import (
     answer_file_path,
     answers_for_questions,
     check_answers,
+    is_error,
     merge_answers,
     part_file_path,
     pending_questions,
@@ -51,7 +56,7 @@ from .evaluation.answers import (
 from .evaluation.generation import generate_answers, run_setting
 from .evaluation.processes import Processes, start_processes
 from .evaluation.questions import check_images, load_ground_truth, load_questions, question_image
-from .evaluation.scoring import format_summary_table, plot_summary, summarize_setting
+from .evaluation.scoring import NUM_ERRORS_SHOWN, format_summary_table, plot_summary, summarize_setting
 from .evaluation.tasks import BENCHMARKS, Benchmark, get_benchmarks
 from .loading import load_model_and_processor
 
@@ -186,12 +191,18 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     model_id = args.model_id or Path(str(args.model).rstrip("/")).name
     loaded: list = []
 
-    def model_and_processor(warm_up_with: dict):
+    def model_and_processor(warm_up_with: Sequence[dict]):
         if not loaded:
             model, processor = load_model_and_processor(args.model, processes.device, args.dtype)
-            # one untimed call first, so that one-off start-up costs (kernels, caches) stay out of the timings
-            image = question_image(warm_up_with)
-            generate_answers(model, processor, [warm_up_with], None if image is None else [image], -1, 2)
+            # one untimed call first, so that one-off start-up costs (kernels, caches) stay out of the timings:
+            # with the first question whose image reads (a bad one is left to `run_setting`, which records it)
+            for question in warm_up_with:
+                try:
+                    image = question_image(question)
+                except ValueError:
+                    continue
+                generate_answers(model, processor, [question], None if image is None else [image], -1, 2)
+                break
             loaded.extend((model, processor))
         return loaded
 
@@ -224,7 +235,7 @@ def answer_setting(task: Task, setting: Setting, processes: Processes, model_and
         )
     try:
         if mine:
-            model, processor = model_and_processor(warm_up_with=mine[0])
+            model, processor = model_and_processor(warm_up_with=mine)
             with AnswerFile(part_file_path(task.output_dir, setting, processes.rank)) as part:
                 run_setting(
                     model,
@@ -253,10 +264,17 @@ def summarize_task(task: Task, settings: Sequence[Setting], model_id: str, args:
         path = answer_file_path(task.output_dir, setting)
         records = AnswerFile(path).records if path.exists() else []
         summary = summarize_setting(setting, task.questions, records, task.truths)
-        if summary["num_answered"] < task.num_all_questions:  # --limit, or answers still to resume
+        if summary["num_answered"] < task.num_all_questions:  # --limit, errors, or answers still to resume
             summary["partial"] = f"{summary['num_answered']} of {task.num_all_questions} questions answered"
+            if summary["num_errors"]:
+                summary["partial"] += f", {summary['num_errors']} could not be"
         if task.benchmark is not None:
-            answered = [record for record in answers_for_questions(records, task.questions) if record is not None]
+            # a question whose image could not be read is unanswered here too: the official files treat it as such
+            answered = [
+                record
+                for record in answers_for_questions(records, task.questions)
+                if record is not None and not is_error(record)
+            ]
             summary["scoring"] = task.benchmark.scoring
             summary["score"] = task.benchmark.score(answered, task.questions) if answered else None
             written = task.benchmark.write_outputs(answered, task.questions, task.output_dir, setting.name)
@@ -303,9 +321,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             if setting.get("score"):
                 partial = f" (partial: {setting['partial']})" if "partial" in setting else ""
                 print(f"{setting['setting']}: {_headline(setting['score'])}{partial}")
+        for setting in summary["settings"]:
+            if setting.get("num_errors"):
+                ids = _question_ids([error["question_id"] for error in setting["errors"]], setting["num_errors"])
+                print(
+                    f"{setting['setting']}: {setting['num_errors']} questions could not be answered (question_id "
+                    f"{ids}); the first: {setting['errors'][0]['error']}"
+                )
     if summaries:
         print(f"Wrote answer files and summaries under {args.output_dir}")
+    failed = _failed_questions(summaries)
+    if failed:
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _failed_questions(summaries: Sequence[dict]) -> str | None:
+    """One sentence on the questions that could not be answered (their image unreadable or too large), if any."""
+    count, first = 0, []
+    for summary in summaries:
+        for setting in summary["settings"]:
+            count += setting.get("num_errors", 0)
+            first.extend(
+                error["question_id"] for error in setting.get("errors", []) if error["question_id"] not in first
+            )
+    if not count:
+        return None
+    return (
+        f"{count} answers could not be given (question_id {_question_ids(first[:NUM_ERRORS_SHOWN], len(first))}): "
+        "their records in the answer files carry the `error` (an unreadable or too large image); fix the images and "
+        "run the same command again to answer them."
+    )
+
+
+def _question_ids(shown: Sequence, total: int) -> str:
+    return ", ".join(repr(question_id) for question_id in shown) + (", ..." if total > len(shown) else "")
 
 
 def _headline(score: dict) -> str:

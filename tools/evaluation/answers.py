@@ -3,6 +3,10 @@
 LLaVA answer files (JSONL, one `{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}` per line):
 appended one flushed line at a time, repaired after an interruption, read back to find what is still to answer
 (resume), written per process as part files and merged in question-file order.
+
+A question that could not be answered (its image unreadable, over the pixel limit, a decompression bomb) has a
+record too, with an empty `text` and an `error` field holding the reason: it counts as unanswered everywhere (scores,
+official files, resume), so that rerunning the same command retries it.
 """
 
 import json
@@ -120,6 +124,11 @@ class AnswerFile:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def is_error(record: dict) -> bool:
+    """Whether an answer record stands for a question that could not be answered (it carries an `error`)."""
+    return record.get("error") is not None
+
+
 def question_key(question_id, text: str) -> tuple[str, str]:
     """What identifies a question in answer files: its id and its text (LLaVA's TextVQA file reuses ids per image)."""
     return json.dumps(question_id), text
@@ -130,8 +139,11 @@ def _key_of_question(question: dict) -> tuple[str, str]:
 
 
 def pending_questions(records: Sequence[dict], questions: Sequence[dict]) -> list[dict]:
-    """The questions without an answer in `records`, in question order (a question asked twice needs two answers)."""
-    answered = Counter(question_key(record["question_id"], record["prompt"]) for record in records)
+    """The questions without an answer in `records`, in question order (a question asked twice needs two answers).
+    A record with an `error` is no answer: its question is asked again."""
+    answered = Counter(
+        question_key(record["question_id"], record["prompt"]) for record in records if not is_error(record)
+    )
     pending = []
     for question in questions:
         key = _key_of_question(question)
@@ -143,9 +155,10 @@ def pending_questions(records: Sequence[dict], questions: Sequence[dict]) -> lis
 
 
 def answers_for_questions(records: Sequence[dict], questions: Sequence[dict]) -> list[dict | None]:
-    """Pair answer records with questions (by id and prompt, in order of occurrence); `None` where unanswered."""
+    """Pair answer records with questions (by id and prompt, in order of occurrence); `None` where unanswered.
+    An answer is paired before any error record of the same question (an error that a later run answered)."""
     by_key: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for record in records:
+    for record in sorted(records, key=is_error):  # stable: answers first, each kind in order of occurrence
         by_key[question_key(record["question_id"], record["prompt"])].append(record)
     paired = []
     for question in questions:
@@ -199,13 +212,20 @@ def merge_answers(output_dir: Path, setting: Setting, questions: Sequence[dict])
     """
     Write the answer file in question-file order from every answer written so far (merged file and part files),
     then remove the part files. Answers to questions not in `questions` (an earlier run without `--limit`) are kept,
-    after the others. Returns the answers to `questions`, in order.
+    after the others; error records of questions answered since (or failed again) are dropped. Returns the records
+    of `questions`, in order, error records included.
     """
     records, parts = read_answers(output_dir, setting)
     paired = answers_for_questions(records, questions)
     ordered = [record for record in paired if record is not None]
     used = {id(record) for record in ordered}
-    others = [record for record in records if id(record) not in used]
+    asked = {_key_of_question(question) for question in questions}
+    others = [
+        record
+        for record in records
+        if id(record) not in used
+        and not (is_error(record) and question_key(record["question_id"], record["prompt"]) in asked)
+    ]
     path = answer_file_path(output_dir, setting)
     if ordered or others or path.exists():
         partial = path.with_name(path.name + ".partial")

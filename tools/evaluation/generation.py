@@ -133,6 +133,36 @@ def answer_record(
     return record
 
 
+def error_record(question: dict, error: str, setting: Setting, model_id: str, generation: dict) -> dict:
+    """The answer-file line of a question that could not be answered: an empty `text` and the one-sentence `error`,
+    with the setting and `generation` options in `metadata` as for an answer (so a resumed run accepts it)."""
+    extra = dict(question.get("answer_fields") or {})
+    record = {"question_id": question["question_id"]}
+    if "round_id" in extra:
+        record["round_id"] = extra.pop("round_id")
+    record.update(prompt=question["prompt"], text="", **extra)
+    record.update(
+        answer_id=new_answer_id(),
+        model_id=model_id,
+        error=error,
+        metadata={"setting": setting.name, "trim_ratio": setting.trim_ratio, **generation},
+    )
+    return record
+
+
+def read_images(batch: Sequence[dict]) -> tuple[list[Image.Image | None], list[str | None]]:
+    """The image of each question of `batch` (`None` for text-only ones), or, where it cannot be read, the reason."""
+    images, errors = [], []
+    for question in batch:
+        try:
+            images.append(question_image(question))
+            errors.append(None)
+        except ValueError as error:
+            images.append(None)
+            errors.append(str(error))
+    return images, errors
+
+
 def batches(questions: Sequence[dict], batch_size: int) -> Iterable[list[dict]]:
     """Consecutive questions in batches of at most `batch_size`; image and text-only questions never share one."""
     batch: list[dict] = []
@@ -157,18 +187,36 @@ def run_setting(
     batch_size: int = 1,
     progress: bool = True,
 ) -> int:
-    """Answer every question of `questions` (in order), batch by batch, into `answer_file`; return how many.
+    """Answer every question of `questions` (in order), batch by batch, into `answer_file`; return how many lines
+    were written.
 
+    A question whose image cannot be read (not an image Pillow reads, over the pixel limit, a decompression bomb)
+    gets an [`error_record`] instead of an answer, and the rest of its batch is answered without it.
     `generation` holds `max_new_tokens` (and the other options recorded with each answer, such as `dtype`)."""
     added = 0
     with tqdm(total=len(questions), desc=f"TRIM {setting.name}", unit="q", disable=not progress) as bar:
         for batch in batches(questions, batch_size):
-            images = [question_image(question) for question in batch] if has_image(batch[0]) else None
-            answers, timing = generate_answers(
-                model, processor, batch, images, setting.trim_ratio, generation["max_new_tokens"]
-            )
-            for question, answer in zip(batch, answers, strict=True):
-                record = answer_record(question, answer, setting, model_id, timing, len(batch), generation)
+            with_image = has_image(batch[0])
+            images, errors = read_images(batch) if with_image else ([None] * len(batch), [None] * len(batch))
+            readable = [row for row, error in enumerate(errors) if error is None]
+            answers, timing = [], {}
+            if readable:
+                answers, timing = generate_answers(
+                    model,
+                    processor,
+                    [batch[row] for row in readable],
+                    [images[row] for row in readable] if with_image else None,
+                    setting.trim_ratio,
+                    generation["max_new_tokens"],
+                )
+            answer_of = dict(zip(readable, answers, strict=True))
+            for row, question in enumerate(batch):  # in question order
+                if errors[row] is not None:
+                    record = error_record(question, errors[row], setting, model_id, generation)
+                else:
+                    record = answer_record(
+                        question, answer_of[row], setting, model_id, timing, len(readable), generation
+                    )
                 answer_file.write(record)
                 added += 1
             bar.update(len(batch))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ...processing_llava_trim import _open_image_source
+from ...processing_llava_trim import open_image
 from .tasks.common import read_jsonl
 
 
@@ -145,6 +145,10 @@ def question_image(question: dict) -> Image.Image | None:
     The file is decoded by the processor's reader (`processing_llava_trim`), then converted to RGB as LLaVA's
     evaluation scripts do (`Image.open(...).convert("RGB")`: no EXIF rotation, transparency dropped rather than
     composited), so that the answers stay those of LLaVA's own scripts.
+
+    Raises:
+        `ValueError`: one sentence naming the question and the file, when the image cannot be decoded or is over
+            the pixel limit or a decompression bomb (see `processing_llava_trim.open_image`).
     """
     if question.get("image_base64") is not None:
         source, name = question["image_base64"], "its base64 image"
@@ -153,9 +157,10 @@ def question_image(question: dict) -> Image.Image | None:
     else:
         return None
     try:
-        return _open_image_source(source).convert("RGB")
+        return open_image(source).convert("RGB")
     except (OSError, ValueError) as error:
+        reason = str(error).rstrip(".")
         raise ValueError(
-            f"Cannot read the image {name} of question_id {question['question_id']!r} ({error}). Answers "
-            "written so far are kept: fix or replace the file and run again to resume."
+            f"Cannot read the image {name} of question_id {question['question_id']!r} ({reason}): fix or replace the "
+            "file, then run the same command again to answer it."
         ) from None

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
-from .answers import Setting, answers_for_questions
+from .answers import Setting, answers_for_questions, is_error
 from .tasks.vqa import normalize_vqa_answer, vqa_score
 from .tasks.yes_no import pope_metrics
+
+NUM_ERRORS_SHOWN = 5  # questions that could not be answered, named in the summary
 
 
 def vqa_accuracy(prediction: str, truth: str | Sequence[str]) -> float:
@@ -61,18 +63,28 @@ def summarize_setting(setting: Setting, questions: Sequence[dict], records: Sequ
     """
     The summary of one setting's answers: counts, accuracy, yes/no metrics, kept tokens and timing.
 
-    Only answers to `questions` count; `truths` holds the ground truth per question (`None` if unknown).
+    Only answers to `questions` count; `truths` holds the ground truth per question (`None` if unknown). A question
+    whose record carries an `error` is unanswered (left out of every score, as one still to resume), counted in
+    `num_errors`, and the first [`NUM_ERRORS_SHOWN`] are listed in `errors` with their reasons.
     """
     paired = answers_for_questions(records, questions)
     answered = [
-        (question, record, truth) for question, record, truth in zip(questions, paired, truths, strict=True) if record
+        (question, record, truth)
+        for question, record, truth in zip(questions, paired, truths, strict=True)
+        if record and not is_error(record)
     ]
+    failed = [record for record in paired if record and is_error(record)]
     summary: dict = {
         "setting": setting.name,
         "trim_ratio": setting.trim_ratio,
         "num_questions": len(questions),
         "num_answered": len(answered),
+        "num_errors": len(failed),
     }
+    if failed:
+        summary["errors"] = [
+            {"question_id": record["question_id"], "error": record["error"]} for record in failed[:NUM_ERRORS_SHOWN]
+        ]
     if not answered:
         return summary
 
@@ -132,7 +144,7 @@ def summarize_setting(setting: Setting, questions: Sequence[dict], records: Sequ
 
 def format_summary_table(summaries: Sequence[dict]) -> str:
     """A plain-text table of the per-setting summaries."""
-    header = ["setting", "answered", "kept (mean)", "accuracy", "yes/no F1", "TTFT (s)", "q/s", "tokens/s"]
+    header = ["setting", "answered", "errors", "kept (mean)", "accuracy", "yes/no F1", "TTFT (s)", "q/s", "tokens/s"]
     rows = [header]
 
     def number(value, pattern="{:.3f}"):
@@ -144,6 +156,7 @@ def format_summary_table(summaries: Sequence[dict]) -> str:
             [
                 summary["setting"],
                 f"{summary['num_answered']}/{summary['num_questions']}",
+                str(summary.get("num_errors", 0)),
                 number(summary.get("kept_tokens", {}).get("mean"), "{:.1f}"),
                 number(summary.get("accuracy", score.get("accuracy")), "{:.2%}"),  # a benchmark's own, else ours
                 number(summary.get("yes_no", {}).get("f1", score.get("f1"))),
