@@ -102,7 +102,6 @@ class LlavaTrimConfig(LlavaConfig):
             raise ValueError(f"`trim_scope` must be 'image' or 'batch', got {self.trim_scope!r}.")
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # LLaVA-NeXT (llava-v1.6, anyres): the LLaVA-1.5 configuration plus the high-resolution grid (docs/trim.md section 8)
 # ---------------------------------------------------------------------------------------------------------------------
