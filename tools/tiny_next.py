@@ -58,3 +58,21 @@ def native_llava_next(model: LlavaNextTrimForConditionalGeneration) -> LlavaNext
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.trim_scorer.")}
     native.load_state_dict(state, strict=True)
     return native.eval()
+
+
+def build_tiny_next_processor(save_dir=None, conversation: str = "vicuna_v1"):
+    """A complete tiny `LlavaNextTrimProcessor`: the tokenizers of [`build_tiny_processor`] (`<image>` 1000, `<pad>`
+    1001), LLaVA-NeXT's image processor with the 336 px CLIP settings, and `conversation`'s chat template."""
+    from ..processing_llava_trim import LlavaNextTrimProcessor
+    from .tiny_tokenizers import build_clip_image_processor, build_tiny_processor
+
+    llava = build_tiny_processor()
+    processor = LlavaNextTrimProcessor(
+        image_processor=build_clip_image_processor(),
+        tokenizer=llava.tokenizer,
+        clip_tokenizer=llava.clip_tokenizer,
+        conversation=conversation,
+    )
+    if save_dir is not None:
+        processor.save_pretrained(save_dir)
+    return processor
