@@ -171,10 +171,11 @@ def package_file(name: str) -> Path:
 
 def write_config(plan: ConversionPlan, folder: Path) -> None:
     """`config.json` with `auto_map`, and the three code files the map points to."""
+    family = "LlavaNextTrim" if plan.llava.layout.family == "llava_next" else "LlavaTrim"
     plan.config.auto_map = {
-        "AutoConfig": "configuration_llava_trim.LlavaTrimConfig",
-        "AutoModel": "modeling_llava_trim.LlavaTrimModel",
-        "AutoModelForImageTextToText": "modeling_llava_trim.LlavaTrimForConditionalGeneration",
+        "AutoConfig": f"configuration_llava_trim.{family}Config",
+        "AutoModel": f"modeling_llava_trim.{family}Model",
+        "AutoModelForImageTextToText": f"modeling_llava_trim.{family}ForConditionalGeneration",
     }
     plan.config.save_pretrained(folder)
     for name in CODE_FILES:
@@ -213,16 +214,23 @@ def write_generation_config(plan: ConversionPlan, folder: Path) -> None:
 
 def write_processor(plan: ConversionPlan, folder: Path) -> None:
     """The `LlavaTrimProcessor`: Llama tokenizer (with `<image>`, `<pad>`), CLIP tokenizer, CLIP image processor."""
-    from ..processing_llava_trim import LlavaTrimProcessor
+    from ..processing_llava_trim import LlavaNextTrimProcessor, LlavaTrimProcessor, llava_next_image_processor
 
-    processor = LlavaTrimProcessor(
-        image_processor=plan.clip.image_processor,
+    settings = plan.llava.layout.next_settings(plan.llava.config)
+    processor_class, image_processor, extra = LlavaTrimProcessor, plan.clip.image_processor, {}
+    if settings:  # LLaVA-NeXT: CLIP's image settings with the model's pinpoints, the checkpoint's conversation
+        processor_class = LlavaNextTrimProcessor
+        image_processor = llava_next_image_processor(image_processor, settings["image_grid_pinpoints"])
+        extra = {"conversation": settings["conversation"]}
+    processor = processor_class(
+        image_processor=image_processor,
         tokenizer=plan.tokenizer,
         clip_tokenizer=plan.clip.tokenizer,
         image_token=IMAGE_TOKEN,
         image_seq_length=plan.config.image_seq_length,
+        **extra,
     )
-    LlavaTrimProcessor.register_for_auto_class("AutoProcessor")
+    processor_class.register_for_auto_class("AutoProcessor")
     processor.save_pretrained(folder)
 
 
