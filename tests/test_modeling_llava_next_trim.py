@@ -403,3 +403,56 @@ def test_bad_inputs_are_refused_with_one_sentence(model):
     with pytest.raises(StrictDataclassError, match="must be 'image' for LLaVA-NeXT"):
         config.trim_scope = "batch"
         config.validate()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The generation contract: a chat continued from the cache equals a fresh run; a cache of another question is refused
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("trim_ratio", [None, -1, 0.1])
+def test_chat_continued_from_the_cache_equals_a_fresh_run(model, trim_ratio):
+    sizes = [(300, 500), (700, 200)]
+    inputs = inputs_for(sizes, seed=11)
+    generator = torch.Generator().manual_seed(11)
+    text = lambda n: torch.randint(3, 900, (1, n), generator=generator)  # noqa: E731
+    turn = torch.tensor([prompts(sizes[:1], seed=11)[0]])
+    cache, images = None, 1
+    for number in range(3):
+        call = dict(
+            input_ids=turn,
+            pixel_values=inputs["pixel_values"][:images],
+            image_sizes=inputs["image_sizes"][:images],
+            trim_input_ids=inputs["trim_input_ids"][:images],
+            trim_attention_mask=inputs["trim_attention_mask"][:images],
+            trim_ratio=trim_ratio,
+            max_new_tokens=3,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
+        fresh = model.generate(**call)
+        continued = model.generate(**call, cache=cache) if cache is not None else fresh
+        assert torch.equal(continued.sequences, fresh.sequences), f"turn {number + 1}"
+        cache = continued.cache
+        next_turn = text(4)
+        if number == 1:  # the third turn brings a second image of another size
+            next_turn = torch.cat([next_turn, torch.full((1, positions(*sizes[1])), TINY_IMAGE_TOKEN_ID), text(2)], 1)
+            images = 2
+        turn = torch.cat([continued.sequences, next_turn], dim=1)
+
+
+@torch.no_grad()
+def test_cache_of_another_question_is_refused(model):
+    inputs = inputs_for(SIZES[:1], seed=12)
+    first = model.generate(**inputs, trim_ratio=0.1, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    second = {**inputs, "input_ids": torch.cat([first.sequences, torch.tensor([[5, 6, 7]])], dim=1)}
+    second["attention_mask"] = torch.ones_like(second["input_ids"])
+    other = questions(1, seed=99)
+    with pytest.raises(ValueError, match=r"TRIM now keeps different tokens of image\(s\) \[0\]"):
+        model.generate(
+            **{**second, "trim_input_ids": other[0], "trim_attention_mask": other[1]},
+            trim_ratio=0.1,
+            cache=first.cache,
+            max_new_tokens=2,
+        )
