@@ -6,7 +6,7 @@ import numbers
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict, validated_field
-from transformers import AutoConfig, LlavaConfig, PreTrainedConfig
+from transformers import CLIPTextConfig, LlavaConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 
@@ -32,6 +32,36 @@ def check_trim_iqr_multiplier(multiplier) -> None:
         raise ValueError(f"`trim_iqr_multiplier` must be a finite number >= 0 (1.5 in the paper), got {multiplier!r}.")
 
 
+class LlavaTrimCLIPTextConfig(CLIPTextConfig):
+    """[`~transformers.CLIPTextConfig`] of the CLIP text tower TRIM scores with, read from its own key.
+
+    `CLIPTextConfig.from_pretrained` reads the `text_config` key of a composite config, which here holds the Llama
+    decoder; this class reads `clip_text_config`, so the sub-config round-trips on its own.
+    """
+
+    base_config_key = "clip_text_config"
+
+
+def plain_numbers(*names: str):
+    """Class decorator (placed above `@strict`): store the fields `names` as Python `int` / `float` when given another
+    real number type (`numpy.float32(0.25)`, ...), so that they pass the type checks and `config.json` stays JSON."""
+
+    def decorate(cls):
+        strict_setattr = cls.__setattr__
+
+        def __setattr__(self, name, value):
+            is_other_real = isinstance(value, numbers.Real) and type(value) not in (bool, int, float)
+            if name in names and is_other_real:
+                value = int(value) if isinstance(value, numbers.Integral) else float(value)
+            strict_setattr(self, name, value)
+
+        cls.__setattr__ = __setattr__
+        return cls
+
+    return decorate
+
+
+@plain_numbers("trim_ratio", "trim_iqr_multiplier", "projection_dim")
 @strict
 class LlavaTrimConfig(LlavaConfig):
     r"""
@@ -73,8 +103,7 @@ class LlavaTrimConfig(LlavaConfig):
     sub_configs_defaults = {
         **LlavaConfig.sub_configs_defaults,
         "clip_text_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="clip_text_model",
+            config_class=LlavaTrimCLIPTextConfig,
             init_kwargs={
                 "vocab_size": 49408,
                 "hidden_size": 768,
@@ -93,6 +122,11 @@ class LlavaTrimConfig(LlavaConfig):
     trim_ratio: float | int | None = validated_field(check_trim_ratio, default=-1)
     trim_iqr_multiplier: float | int = validated_field(check_trim_iqr_multiplier, default=1.5)
     trim_scope: Literal["image", "batch"] = "image"
+
+    def __post_init__(self, **kwargs):
+        if isinstance(self.clip_text_config, CLIPTextConfig):  # read under its own key once saved (see the class)
+            self.clip_text_config = LlavaTrimCLIPTextConfig(**self.clip_text_config.to_dict())
+        super().__post_init__(**kwargs)
 
     def validate_trim(self):
         """Part of `@strict` validation: TRIM's fields must name a mode that exists."""
@@ -142,4 +176,4 @@ class LlavaNextTrimConfig(LlavaTrimConfig):
             )
 
 
-__all__ = ["LlavaNextTrimConfig", "LlavaTrimConfig"]
+__all__ = ["LlavaNextTrimConfig", "LlavaTrimCLIPTextConfig", "LlavaTrimConfig"]

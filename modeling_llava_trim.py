@@ -15,7 +15,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationConfig, LlavaForConditionalGeneration, LlavaModel, LlavaNextModel
+from transformers import (
+    AutoModel,
+    CLIPTextModel,
+    GenerationConfig,
+    GenerationMixin,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaNextModel,
+    PreTrainedModel,
+)
+from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -25,10 +35,13 @@ from transformers.models.llava.modeling_llava import (
     LlavaMultiModalProjector,
     LlavaPreTrainedModel,
 )
+from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_llava_trim import LlavaNextTrimConfig, LlavaTrimConfig, check_trim_iqr_multiplier, check_trim_ratio
+
+logger = logging.get_logger(__name__)
 
 
 class _FromConfig:
@@ -265,12 +278,16 @@ class TrimSelection:
 
 @dataclass
 class LlavaTrimImageOutput(BaseModelOutputWithPooling):
-    """The image features TRIM hands to the language model.
+    """Native Llava's image features output (`get_image_features`), plus what TRIM kept.
 
     Attributes:
+        last_hidden_state (`torch.FloatTensor` of shape `(num_images, 1 + N, Dv)`): the vision tower's last layer,
+            untrimmed, as native.
         pooler_output (`list[torch.FloatTensor]`): one tensor of shape `(tokens_per_image[i], hidden)` per image: the
-            projected kept tokens in patch order, then the aggregate token (all `N` tokens when TRIM is off).
-        trim_selection ([`TrimSelection`]): what was kept.
+            projected kept tokens in patch order, then the aggregate token (all `N` tokens, as native, when TRIM is
+            off).
+        hidden_states, attentions (`tuple[torch.FloatTensor]`, *optional*): the vision tower's, untrimmed, as native.
+        trim_selection ([`TrimSelection`]): what was kept (every patch, `trim_ratio=None`, when TRIM is off).
     """
 
     trim_selection: TrimSelection | None = None
@@ -300,6 +317,10 @@ class TrimCacheRecord:
 @dataclass
 class LlavaTrimModelOutputWithPast(LlavaModelOutputWithPast):
     """[`LlavaModelOutputWithPast`] plus the TRIM selection and the compacted sequence the LLM saw.
+
+    Batch-invariant up to padding: with TRIM on, images keep different numbers of tokens, so compacted rows have
+    different lengths and a row in a batch is re-padded (`compacted_attention_mask` is 0 there) where the same row
+    alone is not; on its attended positions the row gives what it gives alone.
 
     Attributes:
         trim_selection ([`TrimSelection`], *optional*): per-image keep masks; `None` when the call had no image.
@@ -358,7 +379,7 @@ class LlavaTrimScorer(nn.Module):
 
     def __init__(self, config: LlavaTrimConfig):
         super().__init__()
-        self.text_model = AutoModel.from_config(config.clip_text_config)
+        self.text_model = CLIPTextModel._from_config(config.clip_text_config)
         self.text_projection = Float32Linear(config.clip_text_config.hidden_size, config.projection_dim, bias=False)
         self.visual_projection = Float32Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
 
@@ -395,6 +416,33 @@ class LlavaTrimPreTrainedModel(LlavaPreTrainedModel):
     _keep_in_fp32_modules = ["text_projection", "visual_projection"]
     _keep_in_fp32_modules_strict = ["text_projection", "visual_projection"]
 
+    @torch.no_grad()
+    @init.guard_torch_init_functions()
+    def initialize_weights(self):
+        """[`~PreTrainedModel.initialize_weights`], dispatching every sub-model (CLIP towers, Llama) to its own
+        `_init_weights` as for a model of the library.
+
+        transformers skips, in custom code, the modules without parameters of their own (CLIP's attention and MLP
+        blocks), whose `_init_weights` sets their children's weights: CLIP's weights would then keep the generic
+        initialisation. Every `_init_weights` here uses transformers' guarded init functions, so loaded weights are
+        never overwritten.
+        """
+
+        def apply(module: nn.Module, fn) -> None:
+            for child in module.children():
+                apply(child, child._initialize_weights if isinstance(child, PreTrainedModel) else fn)
+            fn(module, False)
+
+        apply(self, self._initialize_weights)
+
+    def _init_weights(self, module):
+        """Native Llava's initialisation, and TRIM's two projections initialised as `CLIPModel` initialises them."""
+        super()._init_weights(module)
+        if isinstance(module, LlavaTrimScorer):
+            factor = self.config.clip_text_config.initializer_factor
+            init.normal_(module.text_projection.weight, std=self.config.clip_text_config.hidden_size**-0.5 * factor)
+            init.normal_(module.visual_projection.weight, std=self.config.vision_config.hidden_size**-0.5 * factor)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """[`~PreTrainedModel.save_pretrained`] that checks the config first and leaves no half-written new folder."""
         self.config.validate()
@@ -425,30 +473,53 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
     def get_vision_features(
         self,
         pixel_values: torch.Tensor,
-        vision_feature_layer: int | None = None,
+        vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
     ) -> torch.Tensor:
-        """The features `V` LLaVA projects: hidden states of `vision_feature_layer`, CLS dropped by default.
+        """The features `V` LLaVA projects: hidden states of `vision_feature_layer`, CLS dropped by default; with a
+        list of layers, their hidden states concatenated along the last dimension, as native Llava.
 
-        Returns a tensor of shape `(num_images, N, Dv)`.
+        Returns a tensor of shape `(num_images, N, Dv * num_layers)`.
+        """
+        return self._vision_features(pixel_values, vision_feature_layer, vision_feature_select_strategy)[1]
+
+    def _vision_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> tuple[BaseModelOutputWithPooling, torch.Tensor, torch.Tensor]:
+        """The vision tower's outputs, the features LLaVA projects `(num_images, N, Dv * num_layers)`, and the features
+        TRIM scores `(num_images, N, Dv)`: those of the last layer of `vision_feature_layer` (docs/trim.md section 2).
         """
         self._check_pixel_values(pixel_values)
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        if not isinstance(layer, int):
-            raise ValueError(f"TRIM needs a single `vision_feature_layer` (an int such as -2), got {layer!r}.")
-        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
-        # capture only the selected layer's hidden states, as native Llava does, instead of all of them
-        outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=layer)
-        features = outputs.hidden_states[layer]  # (num_images, 1 + N, Dv)
-        if strategy == "default":
-            features = features[:, 1:]
-        if features.shape[1] != self.config.image_seq_length:
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        width, projector_width = self.config.vision_config.hidden_size, self.multi_modal_projector.linear_1.in_features
+        if len(layers) * width != projector_width:
             raise ValueError(
-                f"The vision tower gives {features.shape[1]} tokens per image but `image_seq_length` is "
+                f"`vision_feature_layer={layer!r}` selects {len(layers)} layer(s) but the projector reads "
+                f"{projector_width // width}: the projector's width follows `config.vision_feature_layer`, so set the "
+                "layers in the config the model was built with, not per call."
+            )
+        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+        # capture only the selected layers' hidden states (unless the caller asks for all of them), as native Llava
+        output_hidden_states = kwargs.pop("output_hidden_states", None) or layer
+        outputs = self.vision_tower(
+            pixel_values.to(dtype), output_hidden_states=output_hidden_states, return_dict=True, **kwargs
+        )
+        selected = [outputs.hidden_states[index] for index in layers]  # each (num_images, 1 + N, Dv)
+        if strategy == "default":
+            selected = [hidden[:, 1:] for hidden in selected]
+        if selected[0].shape[1] != self.config.image_seq_length:
+            raise ValueError(
+                f"The vision tower gives {selected[0].shape[1]} tokens per image but `image_seq_length` is "
                 f"{self.config.image_seq_length}: use `vision_feature_select_strategy='default'` (CLS dropped)."
             )
-        return features
+        features = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
+        return outputs, features, selected[-1]
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         size = self.config.vision_config.image_size
@@ -495,20 +566,26 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
                 f"{tuple(trim_input_ids.shape)}: pass the mask the CLIP tokenizer returned with the ids."
             )
 
+    def _trim_ratio(self, trim_ratio: float | None | _FromConfig) -> float | None:
+        """The `trim_ratio` a call runs with: its own, else the config's."""
+        return self.config.trim_ratio if trim_ratio is FROM_CONFIG else trim_ratio
+
     def _select(
         self,
         features: torch.Tensor,
+        scored_features: torch.Tensor,
         trim_input_ids: torch.LongTensor | None,
         trim_attention_mask: torch.Tensor | None,
         trim_ratio: float | None | _FromConfig,
     ) -> tuple[torch.Tensor, TrimSelection]:
-        """TRIM on vision features `(num_images, N, Dv)`: packed unprojected tokens and the selection."""
+        """TRIM on vision features `(num_images, N, Dv * num_layers)`, scored on `scored_features` `(num_images, N,
+        Dv)`: packed unprojected tokens and the selection. Every layer's features keep the same patches."""
         num_images, num_patches, _ = features.shape
         trim_ratio = self._resolve_trim(trim_ratio, trim_input_ids, trim_attention_mask, num_images)
         if trim_ratio is None:
             keep = torch.ones(num_images, num_patches, dtype=torch.bool, device=features.device)
             return features.flatten(0, 1), TrimSelection(keep, None, None)
-        patches = self.vision_tower.post_layernorm(features)  # (num_images, N, Dv), CLIP's layer norm on layer -2
+        patches = self.vision_tower.post_layernorm(scored_features)  # (num_images, N, Dv), CLIP's layer norm
         probs = self.trim_scorer(patches, trim_input_ids, trim_attention_mask)
         probs = probs.to(features.device)
         tokens, keep = trim_image_tokens(
@@ -524,7 +601,7 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
         num_images: int,
     ) -> float | None:
         """The call's TRIM mode (`None` off), after checking it and, when on, the question tokens."""
-        trim_ratio = self.config.trim_ratio if trim_ratio is FROM_CONFIG else trim_ratio
+        trim_ratio = self._trim_ratio(trim_ratio)
         check_trim_ratio(trim_ratio)
         check_trim_iqr_multiplier(self.config.trim_iqr_multiplier)
         if trim_ratio is None:
@@ -548,35 +625,47 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
     ) -> TrimSelection:
         """Run the vision tower and TRIM's selection only (no language model) and return what would be kept."""
         self._placeholder_run_lengths(pixel_values, image_sizes)
-        features = self.get_vision_features(pixel_values)
-        return self._select(features, trim_input_ids, trim_attention_mask, trim_ratio)[1]
+        _, features, scored = self._vision_features(pixel_values)
+        return self._select(features, scored, trim_input_ids, trim_attention_mask, trim_ratio)[1]
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
         trim_input_ids: torch.LongTensor | None = None,
         trim_attention_mask: torch.Tensor | None = None,
         trim_ratio: float | None | _FromConfig = FROM_CONFIG,
-        vision_feature_layer: int | None = None,
+        vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         image_sizes: torch.Tensor | None = None,
         **kwargs,
     ) -> LlavaTrimImageOutput:
-        """The projected image features after TRIM: `|K| + 1` tokens per image (all `N` with `trim_ratio=None`).
+        """Native Llava's `get_image_features` with TRIM: the projected features of the tokens kept, `|K| + 1` per
+        image (all `N`, as native, with `trim_ratio=None`).
 
-        Unlike native Llava's, this applies TRIM: pass each image's question (`trim_input_ids`) as for `forward`.
-        `pooler_output` is a list with one `(tokens, hidden)` tensor per image; `trim_selection` says what was kept.
+        Returns native's output: `pooler_output` (a list with one `(tokens, hidden)` tensor per image), the vision
+        tower's `last_hidden_state`, and its `hidden_states` / `attentions` when asked (`output_hidden_states=True`,
+        `output_attentions=True`); plus `trim_selection`, what was kept. With TRIM on, pass each image's question
+        (`trim_input_ids`) as for `forward`.
         """
         if image_sizes is not None:
             raise ValueError(
                 "`image_sizes` is not used by LLaVA-1.5: every image is resized to one square size by the processor. "
                 "Drop the argument."
             )
-        features = self.get_vision_features(pixel_values, vision_feature_layer, vision_feature_select_strategy)
-        tokens, selection = self._select(features, trim_input_ids, trim_attention_mask, trim_ratio)
+        vision_outputs, features, scored = self._vision_features(
+            pixel_values, vision_feature_layer, vision_feature_select_strategy, **kwargs
+        )
+        tokens, selection = self._select(features, scored, trim_input_ids, trim_attention_mask, trim_ratio)
         projected = self.multi_modal_projector(tokens)  # (sum of tokens_per_image, hidden)
         per_image = projected.split(selection.tokens_per_image.tolist())
-        return LlavaTrimImageOutput(pooler_output=list(per_image), trim_selection=selection)
+        return LlavaTrimImageOutput(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=list(per_image),
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+            trim_selection=selection,
+        )
 
     def _placeholder_run_lengths(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[int]:
         """Check the images and return the placeholders each needs in `input_ids`: `image_seq_length` for LLaVA-1.5.
@@ -643,7 +732,8 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
         """
         if input_ids is None or inputs_embeds is not None:
             raise ValueError(
-                "Pass `input_ids` with `pixel_values`, not `inputs_embeds`: the placeholder tokens mark the images."
+                "`inputs_embeds` with `pixel_values` is supported by `forward` with TRIM off only (TRIM shortens the "
+                "runs of image placeholders it finds in `input_ids`): pass `input_ids` instead of `inputs_embeds`."
             )
         if mm_encoder_outputs:
             raise ValueError("Pass either `pixel_values` or precomputed `mm_encoder_outputs`, not both.")
@@ -657,6 +747,7 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
             image_sizes=image_sizes,
+            return_dict=True,
         )
         selection = image_outputs.trim_selection
         if selection.trim_ratio is None:
@@ -695,15 +786,46 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
         **prepare_kwargs,
     ) -> TrimmedInputs | None:
         """What a forward pass runs before the native Llava forward: check `trim_ratio` (also without an image) and,
-        with `pixel_values` and nothing cached, [`prepare_trimmed_inputs`]. `None` when there is no image."""
+        with `pixel_values` and nothing cached, [`prepare_trimmed_inputs`]. `None` when there is no image.
+
+        With TRIM off, `inputs_embeds` may replace `input_ids`: the image features then fill the positions holding the
+        placeholder's embedding, as native Llava does."""
         if trim_ratio is not FROM_CONFIG:
             check_trim_ratio(trim_ratio)
         if pixel_values is None:
             return None
         _refuse_filled_cache(cache)
+        if prepare_kwargs.get("inputs_embeds") is not None and self._trim_ratio(trim_ratio) is None:
+            return self._image_features_for_embeddings(pixel_values, attention_mask, **prepare_kwargs)
         return self.prepare_trimmed_inputs(
             input_ids, pixel_values, attention_mask, trim_input_ids, trim_attention_mask, trim_ratio, **prepare_kwargs
         )
+
+    def _image_features_for_embeddings(
+        self,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        inputs_embeds: torch.Tensor,
+        labels: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> TrimmedInputs:
+        """TRIM off with `inputs_embeds`: every image's `N` features, for the native merge; the sequence unchanged."""
+        if mm_encoder_outputs:
+            raise ValueError("Pass either `pixel_values` or precomputed `mm_encoder_outputs`, not both.")
+        image_outputs = self.get_image_features(
+            pixel_values,
+            trim_ratio=None,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+            return_dict=True,
+        )
+        return TrimmedInputs(CompactedSequence(None, attention_mask, position_ids, labels), image_outputs)
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -719,7 +841,7 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
         trim_attention_mask: torch.Tensor | None = None,
         trim_ratio: float | None | _FromConfig = FROM_CONFIG,
         labels: torch.LongTensor | None = None,
-        vision_feature_layer: int | None = None,
+        vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         image_sizes: torch.Tensor | None = None,
         mm_encoder_outputs: dict | None = None,
@@ -752,7 +874,8 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
             position_ids, labels = trimmed.sequence.position_ids, trimmed.sequence.labels
             mm_encoder_outputs = {"image": trimmed.image_outputs}
         elif not (mm_encoder_outputs or {}).get("image") and input_ids is not None:
-            _refuse_placeholders_without_images(input_ids, cache, self.config.image_token_id)
+            trim_off = self._trim_ratio(trim_ratio) is None
+            _refuse_placeholders_without_images(input_ids, cache, self.config.image_token_id, trim_off)
         outputs = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -771,9 +894,18 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
         )
 
 
-def _refuse_placeholders_without_images(input_ids: torch.LongTensor, cache: Cache | None, image_token_id: int):
-    """A prompt (nothing cached yet) with placeholders but no image features would be answered blind: refuse it."""
+def _refuse_placeholders_without_images(
+    input_ids: torch.LongTensor, cache: Cache | None, image_token_id: int, trim_off: bool = False
+):
+    """A prompt (nothing cached yet) with placeholders but no image features would be answered blind: refused with
+    TRIM on; with TRIM off it runs as native Llava runs it (the placeholders read as text), with a warning."""
     if (cache is None or cache.get_seq_length() == 0) and (input_ids == image_token_id).any():
+        if trim_off:
+            logger.warning_once(
+                "`input_ids` hold image placeholder tokens but no `pixel_values` were given: with TRIM off the model "
+                "runs them as native Llava does, as text tokens, without seeing any image."
+            )
+            return
         raise ValueError(
             "`input_ids` hold image placeholder tokens but no `pixel_values` were given, so the model would "
             "answer without seeing the image. Pass the `pixel_values` the processor returned with the ids."
@@ -803,7 +935,7 @@ class _CallerPromptStreamer(BaseStreamer):
         self.streamer.end()
 
 
-class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForConditionalGeneration):
+class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForConditionalGeneration, GenerationMixin):
     """LLaVA-1.5 with TRIM: fewer image tokens reach the language model, chosen by CLIP similarity to the question.
 
     Inputs are those of the native Llava model plus `trim_input_ids` / `trim_attention_mask` (the question of each
@@ -900,11 +1032,12 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
             labels=labels,
             logits_to_keep=logits_to_keep,
             mm_encoder_outputs=mm_encoder_outputs,
+            trim_ratio=trim_ratio,  # for the language model's checks when there is no image
             **kwargs,
         )
         if trimmed is None:
             return LlavaTrimCausalLMOutputWithPast(**outputs)
-        if outputs.cache is not None:
+        if outputs.cache is not None and input_ids is not None:  # `inputs_embeds` give no tokens to record
             _record_selection(outputs.cache, trimmed)
         return LlavaTrimCausalLMOutputWithPast(
             **outputs,
@@ -1112,8 +1245,6 @@ def _features_after_cache(
             f"trim_ratio={selection.trim_ratio!r}: pass trim_ratio={record.trim_ratio!r} to continue it, or start "
             "without the cache."
         )
-    if set(cached_images) & set(image_of[~cached].tolist()):
-        raise ValueError("The cache ends inside an image's tokens: start from the cache of a whole earlier turn.")
     length = min(record.input_ids.shape[1], past_length)
     same_prefix = record.input_ids.shape[0] == trimmed.sequence.input_ids.shape[0] and torch.equal(
         record.input_ids[:, :length].to(trimmed.sequence.input_ids.device), trimmed.sequence.input_ids[:, :length]
@@ -1127,6 +1258,9 @@ def _features_after_cache(
             "image's question, `trim_text`, changed?). Keep each image's question the same over the chat (the "
             "processor's default: the user turn that carries it), or start without the cache."
         )
+    # after the selection check: a changed selection can change an image's length (LLaVA-NeXT's kept newlines)
+    if set(cached_images) & set(image_of[~cached].tolist()):
+        raise ValueError("The cache ends inside an image's tokens: start from the cache of a whole earlier turn.")
     features = torch.cat(trimmed.image_outputs.pooler_output)[
         ~cached.to(trimmed.image_outputs.pooler_output[0].device)
     ]
@@ -1195,9 +1329,7 @@ class LlavaNextTrimPreTrainedModel(LlavaTrimPreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, LlavaNextTrimModel):  # as native LLaVA-NeXT
-            torch.nn.init.normal_(
-                module.image_newline, mean=0.0, std=1 / math.sqrt(self.config.text_config.hidden_size)
-            )
+            init.normal_(module.image_newline, mean=0.0, std=1 / math.sqrt(self.config.text_config.hidden_size))
 
 
 class LlavaNextTrimModel(LlavaNextTrimPreTrainedModel, LlavaTrimModel):
@@ -1268,15 +1400,18 @@ class LlavaNextTrimModel(LlavaNextTrimPreTrainedModel, LlavaTrimModel):
         layouts: list[AnyresLayout],
         vision_feature_layer: int | None = None,
         vision_feature_select_strategy: str | None = None,
-    ) -> list[torch.Tensor]:
-        """The vision features `V` of every image's crops: one `(num_crops, N, Dv)` tensor per image."""
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The vision features `V` of every image's crops, one `(num_crops, N, Dv * num_layers)` tensor per image, and
+        the features TRIM scores (the last selected layer's), one `(num_crops, N, Dv)` tensor per image."""
         crops = torch.cat([image[: layout.num_crops] for image, layout in zip(pixel_values, layouts, strict=True)])
-        features = self.get_vision_features(crops, vision_feature_layer, vision_feature_select_strategy)
-        return list(features.split([layout.num_crops for layout in layouts]))
+        _, features, scored = self._vision_features(crops, vision_feature_layer, vision_feature_select_strategy)
+        sizes = [layout.num_crops for layout in layouts]
+        return list(features.split(sizes)), list(scored.split(sizes))
 
     def _select_anyres(
         self,
         features: list[torch.Tensor],
+        scored_features: list[torch.Tensor],
         layouts: list[AnyresLayout],
         trim_input_ids: torch.LongTensor | None,
         trim_attention_mask: torch.Tensor | None,
@@ -1292,7 +1427,7 @@ class LlavaNextTrimModel(LlavaNextTrimPreTrainedModel, LlavaTrimModel):
                 keep_mask[index, : layout.source.shape[0]] = True
             newlines = torch.tensor([layout.grid_shape[0] for layout in layouts], device=device)
             return None, TrimSelection(keep_mask, None, None, num_newlines=newlines)
-        crops = torch.cat(features)  # (all crops, N, Dv)
+        crops = torch.cat(scored_features)  # (all crops, N, Dv)
         questions = torch.arange(len(layouts), device=trim_input_ids.device).repeat_interleave(
             torch.tensor([layout.num_crops for layout in layouts], device=trim_input_ids.device)
         )
@@ -1344,8 +1479,8 @@ class LlavaNextTrimModel(LlavaNextTrimPreTrainedModel, LlavaTrimModel):
         """Run the vision tower and TRIM's selection only (no language model) and return what would be kept."""
         self._placeholder_run_lengths(pixel_values, image_sizes)
         layouts = self._layouts(image_sizes)
-        features = self._crop_features(pixel_values, layouts)
-        return self._select_anyres(features, layouts, trim_input_ids, trim_attention_mask, trim_ratio)[1]
+        features, scored = self._crop_features(pixel_values, layouts)
+        return self._select_anyres(features, scored, layouts, trim_input_ids, trim_attention_mask, trim_ratio)[1]
 
     def get_image_features(
         self,
@@ -1364,8 +1499,12 @@ class LlavaNextTrimModel(LlavaNextTrimPreTrainedModel, LlavaTrimModel):
         """
         self._placeholder_run_lengths(pixel_values, image_sizes)
         layouts = self._layouts(image_sizes)
-        features = self._crop_features(pixel_values, layouts, vision_feature_layer, vision_feature_select_strategy)
-        tokens, selection = self._select_anyres(features, layouts, trim_input_ids, trim_attention_mask, trim_ratio)
+        features, scored = self._crop_features(
+            pixel_values, layouts, vision_feature_layer, vision_feature_select_strategy
+        )
+        tokens, selection = self._select_anyres(
+            features, scored, layouts, trim_input_ids, trim_attention_mask, trim_ratio
+        )
         if tokens is None:  # off: native LLaVA-NeXT's projection and packing
             projected = [self.multi_modal_projector(crops) for crops in features]
             per_image, _ = LlavaNextModel.pack_image_features(

@@ -693,7 +693,7 @@ def test_vision_feature_layer_per_call_as_native(model, native):
         default = model(input_ids=input_ids, pixel_values=pixels(1), trim_ratio=None).logits
     assert (ours - theirs).abs().max() <= 1e-5
     assert not torch.allclose(ours, default)
-    with pytest.raises(ValueError, match=r"TRIM needs a single `vision_feature_layer` \(an int such as -2\)"):
+    with pytest.raises(ValueError, match=r"selects 2 layer\(s\) but the projector reads 1"):
         model(input_ids=input_ids, pixel_values=pixels(1), trim_ratio=None, vision_feature_layer=[-2, -1])
 
 
@@ -705,7 +705,7 @@ def test_refused_arguments(model):
         model(**kwargs, image_sizes=torch.tensor([[336, 336]]))
     with pytest.raises(ValueError, match="`position_ids` cannot follow the compacted sequence when TRIM is on"):
         model(**kwargs, position_ids=torch.arange(input_ids.shape[1])[None])
-    with pytest.raises(ValueError, match="not `inputs_embeds`: the placeholder tokens mark the images"):
+    with pytest.raises(ValueError, match="`inputs_embeds` with `pixel_values` is supported by `forward` with TRIM"):
         model(pixel_values=pixels(1), inputs_embeds=torch.zeros(1, 3, 64))
     with pytest.raises(ValueError, match="either `pixel_values` or precomputed `mm_encoder_outputs`, not both"):
         model(**kwargs, mm_encoder_outputs={"image": None})
