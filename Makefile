@@ -1,4 +1,5 @@
-# Quick start: `make demo` (convert a tiny offline checkpoint and run the pipeline), `make test` (the test suite),
+# Quick start: `make demo` (convert a tiny offline checkpoint and run the pipeline; `make demo-next` for LLaVA-NeXT),
+# `make test` (the test suite),
 # `make app` (the Gradio page on the demo's tiny model, http://127.0.0.1:7860; `make app PORT=8000` for another port).
 # A fresh machine needs only Python 3.10+: the first target run creates $(VENV) and installs everything.
 # TORCH picks the PyTorch build: the default is a CPU wheel; use e.g. `make demo TORCH=torch` for your CUDA build.
@@ -13,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 DEMO_MODEL := demo-output/llava-v1.5-7b-trim
 PORT ?= 7860
 
-.PHONY: install install-lmms-eval demo test lint app
+.PHONY: install install-lmms-eval demo demo-next test lint app
 
 install: $(VENV)/.installed
 
@@ -45,6 +46,9 @@ $(VENV)/.installed-lmms-eval: $(VENV)/.installed .ci/lmms-eval-constraints.txt
 
 demo: install
 	$(BIN)/python -m llava_trim.tools.demo
+
+demo-next: install
+	$(BIN)/python -m llava_trim.tools.demo --family next
 
 app: install $(VENV)/.installed-app $(DEMO_MODEL)/config.json
 	$(BIN)/python -m llava_trim.tools.app --model $(DEMO_MODEL) --port $(PORT)
