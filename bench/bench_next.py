@@ -63,6 +63,17 @@ def next_inputs(shape, inputs, next_model) -> dict:
     }
 
 
+def busy_note() -> str:
+    """A warning when other processes loaded the CPU during the kept rounds (the times are then not reliable)."""
+    loads = NOISE.loads.get("next") or [0.0]
+    if sum(loads) / len(loads) <= 0.5:
+        return ""
+    return (
+        " Other processes used more than half a core on average during the measured rounds, so the prefill times "
+        "and their ratios are not reliable here (the token counts are exact): rerun on a quiet machine."
+    )
+
+
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         + " Prefill = one forward pass with `use_cache=True, logits_to_keep=1`, vision tower and TRIM included; "
         f"batch 1, median of {args.repeats} interleaved repeats.\n\n"
         + table
-        + f"\n\nNoise: {NOISE.summary(['next'])}.\n"
+        + f"\n\nNoise: {NOISE.summary(['next'])}.{busy_note()}\n"
     )
     write_section("TRIM bench: LLaVA-NeXT beside LLaVA-1.5 (scaled shape, cpu)", body)
     print(table)
