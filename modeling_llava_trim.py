@@ -1400,13 +1400,17 @@ class LlavaNextTrimModel(LlavaNextTrimPreTrainedModel, LlavaTrimModel):
         layouts: list[AnyresLayout],
         vision_feature_layer: int | None = None,
         vision_feature_select_strategy: str | None = None,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The vision features `V` of every image's crops, one `(num_crops, N, Dv * num_layers)` tensor per image, and
-        the features TRIM scores (the last selected layer's), one `(num_crops, N, Dv)` tensor per image."""
+        **kwargs,
+    ) -> tuple[BaseModelOutputWithPooling, list[torch.Tensor], list[torch.Tensor]]:
+        """The vision tower's outputs on all crops, the vision features `V` of every image's crops, one `(num_crops, N,
+        Dv * num_layers)` tensor per image, and the features TRIM scores (the last selected layer's), one
+        `(num_crops, N, Dv)` tensor per image."""
         crops = torch.cat([image[: layout.num_crops] for image, layout in zip(pixel_values, layouts, strict=True)])
-        _, features, scored = self._vision_features(crops, vision_feature_layer, vision_feature_select_strategy)
+        outputs, features, scored = self._vision_features(
+            crops, vision_feature_layer, vision_feature_select_strategy, **kwargs
+        )
         sizes = [layout.num_crops for layout in layouts]
-        return list(features.split(sizes)), list(scored.split(sizes))
+        return outputs, list(features.split(sizes)), list(scored.split(sizes))
 
     def _select_anyres(
         self,
@@ -1479,7 +1483,7 @@ class LlavaNextTrimModel(LlavaNextTrimPreTrainedModel, LlavaTrimModel):
         """Run the vision tower and TRIM's selection only (no language model) and return what would be kept."""
         self._placeholder_run_lengths(pixel_values, image_sizes)
         layouts = self._layouts(image_sizes)
-        features, scored = self._crop_features(pixel_values, layouts)
+        _, features, scored = self._crop_features(pixel_values, layouts)
         return self._select_anyres(features, scored, layouts, trim_input_ids, trim_attention_mask, trim_ratio)[1]
 
     def get_image_features(
@@ -1499,24 +1503,31 @@ class LlavaNextTrimModel(LlavaNextTrimPreTrainedModel, LlavaTrimModel):
         """
         self._placeholder_run_lengths(pixel_values, image_sizes)
         layouts = self._layouts(image_sizes)
-        features, scored = self._crop_features(
-            pixel_values, layouts, vision_feature_layer, vision_feature_select_strategy
+        kwargs.pop("return_dict", None)
+        vision_outputs, features, scored = self._crop_features(
+            pixel_values, layouts, vision_feature_layer, vision_feature_select_strategy, **kwargs
         )
         tokens, selection = self._select_anyres(
             features, scored, layouts, trim_input_ids, trim_attention_mask, trim_ratio
         )
         if tokens is None:  # off: native LLaVA-NeXT's projection and packing
-            projected = [self.multi_modal_projector(crops) for crops in features]
+            projected = self.multi_modal_projector(torch.cat(features)).split([len(crops) for crops in features])
             per_image, _ = LlavaNextModel.pack_image_features(
                 self, projected, image_sizes, self.config.vision_feature_select_strategy, self.image_newline
             )
-            return LlavaTrimImageOutput(pooler_output=list(per_image), trim_selection=selection)
-        projected = self.multi_modal_projector(torch.cat(tokens)).split([len(kept) for kept in tokens])
-        per_image = [
-            self._with_newlines(image_tokens, keep[: layout.source.shape[0]], layout)
-            for image_tokens, keep, layout in zip(projected, selection.keep_mask, layouts, strict=True)
-        ]
-        return LlavaTrimImageOutput(pooler_output=per_image, trim_selection=selection)
+        else:
+            projected = self.multi_modal_projector(torch.cat(tokens)).split([len(kept) for kept in tokens])
+            per_image = [
+                self._with_newlines(image_tokens, keep[: layout.source.shape[0]], layout)
+                for image_tokens, keep, layout in zip(projected, selection.keep_mask, layouts, strict=True)
+            ]
+        return LlavaTrimImageOutput(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=list(per_image),
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+            trim_selection=selection,
+        )
 
 
 class LlavaNextTrimForConditionalGeneration(LlavaNextTrimPreTrainedModel, LlavaTrimForConditionalGeneration):

@@ -224,6 +224,27 @@ def test_off_greedy_tokens_equal_native(model, native):
     assert torch.equal(ours, theirs)
 
 
+@torch.no_grad()
+def test_off_with_inputs_embeds_and_vision_outputs_as_native(model, native):
+    """TRIM off keeps native LLaVA-NeXT's contracts: `inputs_embeds` with `pixel_values`, and `get_image_features`
+    returning the vision tower's hidden states when asked."""
+    inputs = inputs_for(SIZES[:2], seed=3)
+    embeds = native.get_input_embeddings()(inputs["input_ids"])
+    common = {"attention_mask": inputs["attention_mask"], "pixel_values": inputs["pixel_values"]}
+    common["image_sizes"] = inputs["image_sizes"]
+    ours = model(inputs_embeds=embeds, **common, trim_ratio=None).logits
+    theirs = native(inputs_embeds=embeds, **common).logits
+    assert (ours - theirs)[inputs["attention_mask"].bool()].abs().max() <= LOGITS_TOL
+    pixel_values, image_sizes = inputs["pixel_values"], inputs["image_sizes"]
+    mine = model.model.get_image_features(
+        pixel_values, trim_ratio=None, image_sizes=image_sizes, output_hidden_states=True
+    )
+    reference = native.model.get_image_features(pixel_values, image_sizes, output_hidden_states=True)
+    assert len(mine.hidden_states) == len(reference.hidden_states)
+    assert all(torch.equal(a, b) for a, b in zip(mine.hidden_states, reference.hidden_states, strict=True))
+    assert torch.equal(mine.last_hidden_state, reference.last_hidden_state)
+
+
 def test_other_grid_pinpoints_follow_the_config():
     """The best resolution is chosen over the configured pinpoints, as native LLaVA-NeXT does."""
     pinpoints = [[336, 336 * 3], [336 * 2, 336 * 2]]
