@@ -29,10 +29,11 @@ def tiny_next_model(seed: int = 0, **overrides) -> LlavaNextTrimForConditionalGe
     """A tiny randomly initialised LLaVA-NeXT model in float32 and eval mode, reproducible from `seed`."""
     torch.manual_seed(seed)
     model = LlavaNextTrimForConditionalGeneration(tiny_next_config(**overrides))
-    # spread the projections so that TRIM's scores vary across patches as they do in a trained CLIP
+    # spread the projections so that TRIM's scores vary across patches as they do in a trained CLIP, but without
+    # underflowing float32's softmax (scores spread over about 20 nats): every probability stays distinct
     with torch.no_grad():
-        model.model.trim_scorer.visual_projection.weight.normal_(std=1.0)
-        model.model.trim_scorer.text_projection.weight.normal_(std=1.0)
+        model.model.trim_scorer.visual_projection.weight.normal_(std=0.15)
+        model.model.trim_scorer.text_projection.weight.normal_(std=0.15)
     return model.eval()
 
 
