@@ -258,16 +258,20 @@ def write_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     license_name = license_name or _card_metadata(plan.llava.folder).get("license") or "llama2"
+    next_family = plan.llava.layout.family == "llava_next"
     metadata = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
         license=license_name,
         base_model=(base_models[0] if len(base_models) == 1 else base_models) or None,
-        tags=["llava", "llava-1.5", "trim", "token-reduction", "clip", "vision-language", "custom_code"],
-    )
+        tags=["llava", "llava-next" if next_family else "llava-1.5", "trim", "token-reduction", "clip",
+              "vision-language", "custom_code"],
+    )  # fmt: skip
     config = plan.config
-    trim = {None: "off (plain LLaVA-1.5)", -1: "-1 (automatic: interquartile-range outliers)"}.get(
-        config.trim_ratio, f"{config.trim_ratio} (fixed fraction of the {config.image_seq_length} image tokens)"
+    family = "LLaVA-NeXT (llava-v1.6)" if next_family else "LLaVA-1.5"
+    counted = "candidate" if next_family else config.image_seq_length
+    trim = {None: f"off (plain {family})", -1: "-1 (automatic: interquartile-range outliers)"}.get(
+        config.trim_ratio, f"{config.trim_ratio} (fixed fraction of the {counted} image tokens)"
     )
     dtype_name = str(plan.dtype).removeprefix("torch.")
     source_dtype = str(plan.source_dtype).removeprefix("torch.")
@@ -278,6 +282,13 @@ def write_model_card(
         title=Path(model_id).name,
         model_id=model_id,
         image_tokens=config.image_seq_length,
+        family=family,
+        image_tokens_text=(
+            f"{config.image_seq_length} overview and up to "
+            f"{max(h * w for h, w in config.image_grid_pinpoints) // config.vision_config.patch_size**2} tile"
+            if next_family
+            else str(config.image_seq_length)
+        ),
         sources=", ".join(f"`{name}` ({ROLES[flag]})" for flag, name in names.items()),
         clip=plan.clip.name,
         dtype=dtype_name,

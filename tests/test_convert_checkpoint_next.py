@@ -191,3 +191,9 @@ def test_refusals_are_one_line_and_leave_nothing(case, sources, tmp_path, capsys
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and re.search(message, error[0]), error
     assert not output.exists()
+
+
+def test_model_card_names_the_family(converted):
+    card = (converted["hf"] / "README.md").read_text()
+    assert "LLaVA-NeXT (llava-v1.6) with **TRIM**" in card and "LLaVA-1.5" not in card
+    assert "576 overview and up to 2304 tile image patch tokens" in card
