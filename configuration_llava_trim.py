@@ -1,5 +1,5 @@
 # Copyright 2026 The llava-trim authors. Licensed under the Apache License, Version 2.0.
-"""Configuration of LLaVA-1.5 with TRIM (Token Reduction using CLIP Metric, arXiv 2409.10994)."""
+"""Configuration of LLaVA-1.5 and LLaVA-NeXT with TRIM (Token Reduction using CLIP Metric, arXiv 2409.10994)."""
 
 import math
 import numbers

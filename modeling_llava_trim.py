@@ -4,7 +4,8 @@
 Reading order: the TRIM selection as pure functions (`trim_keep_mask`, `trim_image_tokens`), the sequence compaction
 (`compact_image_runs`), then the modules. The LLaVA parts (CLIP vision tower, projector, Llama decoder) are the
 native transformers Llava building blocks with their native weight names; TRIM adds `model.trim_scorer` (the CLIP
-text tower and CLIP's two projections).
+text tower and CLIP's two projections). The last section adds LLaVA-NeXT (llava-v1.6, anyres), which runs the same
+TRIM step on the image features of an overview and tiles (docs/trim.md section 8).
 """
 
 import copy

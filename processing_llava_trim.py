@@ -2,7 +2,8 @@
 """Processor of LLaVA-1.5 with TRIM: LLaVA's image preprocessing, the Llama prompt and the CLIP-tokenised question.
 
 Reading order: the `vicuna_v1` chat template, image decoding, the question of each image (the rule of `docs/trim.md`,
-from chat messages or from a raw prompt), then [`LlavaTrimProcessor`] (`__call__` ties them together).
+from chat messages or from a raw prompt), then [`LlavaTrimProcessor`] (`__call__` ties them together), and last
+[`LlavaNextTrimProcessor`] for LLaVA-NeXT (its images, placeholder counts and conversations).
 """
 
 import base64
