@@ -247,17 +247,28 @@ class TrimSelection:
         trim_ratio (`float`, *optional*): the mode used: `-1` automatic, a fraction, or `None` (off).
         num_newlines (`torch.LongTensor` of shape `(num_images,)`, *optional*): LLaVA-NeXT only, the `image_newline`
             tokens each image keeps (docs/trim.md section 8); its `keep_mask` rows are padded with `False`.
+        num_candidates (`torch.LongTensor` of shape `(num_images,)`, *optional*): LLaVA-NeXT only, each image's
+            candidate tokens (the unpadded part of its `keep_mask` row).
     """
 
     keep_mask: torch.Tensor
     probs: torch.Tensor | None
     trim_ratio: float | None
     num_newlines: torch.LongTensor | None = None
+    num_candidates: torch.LongTensor | None = None
 
     @property
     def num_patches(self) -> int:
-        """Patch tokens per image before reduction (576 for CLIP ViT-L/14 at 336 px)."""
+        """Patch tokens per image before reduction (576 for CLIP ViT-L/14 at 336 px); for LLaVA-NeXT the width of
+        `keep_mask`, the largest image's candidates (each image's own count: `candidates_per_image`)."""
         return self.keep_mask.shape[1]
+
+    @property
+    def candidates_per_image(self) -> torch.LongTensor:
+        """The tokens TRIM chose from in each image, shape `(num_images,)`: `N`, or LLaVA-NeXT's candidates."""
+        if self.num_candidates is not None:
+            return self.num_candidates
+        return torch.full((self.keep_mask.shape[0],), self.keep_mask.shape[1], device=self.keep_mask.device)
 
     @property
     def num_kept(self) -> torch.LongTensor:
@@ -1427,11 +1438,12 @@ class LlavaNextTrimModel(LlavaNextTrimPreTrainedModel, LlavaTrimModel):
         trim_ratio = self._resolve_trim(trim_ratio, trim_input_ids, trim_attention_mask, len(layouts))
         device = features[0].device
         keep_mask = torch.zeros(len(layouts), self.max_candidates, dtype=torch.bool, device=device)
+        counts = torch.tensor([layout.source.shape[0] for layout in layouts], device=device)
         if trim_ratio is None:
             for index, layout in enumerate(layouts):
                 keep_mask[index, : layout.source.shape[0]] = True
             newlines = torch.tensor([layout.grid_shape[0] for layout in layouts], device=device)
-            return None, TrimSelection(keep_mask, None, None, num_newlines=newlines)
+            return None, TrimSelection(keep_mask, None, None, num_newlines=newlines, num_candidates=counts)
         crops = torch.cat(scored_features)  # (all crops, N, Dv)
         questions = torch.arange(len(layouts), device=trim_input_ids.device).repeat_interleave(
             torch.tensor([layout.num_crops for layout in layouts], device=trim_input_ids.device)
@@ -1455,7 +1467,10 @@ class LlavaNextTrimModel(LlavaNextTrimPreTrainedModel, LlavaTrimModel):
             keep_mask[index, :count], probs[index, :count] = keep[0], image_probs
             newlines.append(keep[0, self.config.image_seq_length :].view(layout.grid_shape).any(dim=1).sum())
             tokens.append(kept)  # (|K| + 1, Dv)
-        return tokens, TrimSelection(keep_mask, probs, trim_ratio, num_newlines=torch.stack(newlines))
+        selection = TrimSelection(
+            keep_mask, probs, trim_ratio, num_newlines=torch.stack(newlines), num_candidates=counts
+        )
+        return tokens, selection
 
     def _with_newlines(self, projected: torch.Tensor, keep: torch.Tensor, layout: AnyresLayout) -> torch.Tensor:
         """docs/trim.md section 8 points 5 and 6: the projected kept tokens and aggregate `(|K| + 1, hidden)` with an

@@ -300,6 +300,7 @@ def test_selection_and_features_follow_the_spec(model, native, trim_ratio):
         rows_kept = int(torch.from_numpy(keep[N:]).view(grid_shape).any(dim=1).sum())
         assert selection.num_newlines[index] == rows_kept
         assert selection.tokens_per_image[index] == keep.sum() + rows_kept + 1
+        assert selection.candidates_per_image[index] == count == positions(*SIZES[index]) - grid_shape[0]
         if trim_ratio != -1:
             assert keep.sum() == int(np.floor(count * trim_ratio))
 

@@ -111,11 +111,10 @@ def run_converted(model_dir: Path, question: str = QUESTION, repeats: int = 5) -
     )
     selection = model.select_image_tokens(**inputs)
     kept = selection.num_kept.tolist()
-    positions = int((inputs["input_ids"] == model.config.image_token_id).sum())
     newlines = "" if selection.num_newlines is None else f", {selection.num_newlines.tolist()} newline(s)"
     print(
-        f"TRIM (trim_ratio={model.config.trim_ratio}) kept {kept} image token(s) per image out of {positions} image "
-        f"positions{newlines}, plus one aggregate token each"
+        f"TRIM (trim_ratio={model.config.trim_ratio}) kept {kept} image token(s) per image out of "
+        f"{selection.candidates_per_image.tolist()}{newlines}, plus one aggregate token each"
     )
 
     def median_ms(run) -> float:
