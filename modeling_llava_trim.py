@@ -1299,11 +1299,15 @@ class AnyresLayout:
         source (`torch.LongTensor` of shape `(M,)`): for each candidate, in native order (overview raster, then the
             unpadded grid's rows), its index among the image's `num_crops * N` crop patches.
         grid_shape (`tuple[int, int]`): `(H, W)`, the unpadded grid; each of its rows is followed by a newline.
+        tiles (`tuple[int, int]`): the tiles high and wide of the best resolution.
+        grid_offset (`tuple[int, int]`): row and column of the unpadded grid's first patch in the full tile grid.
     """
 
     num_crops: int
     source: torch.LongTensor
     grid_shape: tuple[int, int]
+    tiles: tuple[int, int] = (1, 1)
+    grid_offset: tuple[int, int] = (0, 0)
 
     @property
     def num_positions(self) -> int:
@@ -1330,8 +1334,12 @@ def anyres_layout(image_size, grid_pinpoints: list, crop_size: int, patches_per_
     tile = (row // side) * tiles_wide + column // side
     source = (1 + tile) * side * side + (row % side) * side + column % side  # crop 0 is the overview
     source = unpad_image(source[None], image_size)[0]  # (H, W): the rows and columns that are not padding
+    first = unpad_image((row * tiles_wide * side + column)[None], image_size)[0, 0, 0].item()
     overview = torch.arange(side * side)
-    return AnyresLayout(num_crops, torch.cat([overview, source.flatten()]), tuple(source.shape))
+    offset = divmod(first, tiles_wide * side)
+    return AnyresLayout(
+        num_crops, torch.cat([overview, source.flatten()]), tuple(source.shape), (tiles_high, tiles_wide), offset
+    )
 
 
 class LlavaNextTrimPreTrainedModel(LlavaTrimPreTrainedModel):
