@@ -25,6 +25,28 @@ def check_trim_ratio(trim_ratio) -> None:
         )
 
 
+def parse_trim_ratio(text: str) -> float | None:
+    """Read a `trim_ratio` written as text (a command-line flag, a form field): `"auto"` or `"-1"` -> `-1`, `"off"` or
+    `"none"` -> `None`, `"0.25"` -> `0.25`; anything else raises a `ValueError` naming the accepted forms."""
+    lowered = str(text).strip().lower()
+    if lowered in ("off", "none"):
+        return None
+    if lowered in ("auto", "-1"):
+        return -1
+    try:
+        ratio = float(lowered)
+    except ValueError:
+        ratio = math.nan
+    if ratio == -1:
+        return -1
+    if not 0 < ratio <= 1:
+        raise ValueError(
+            f"{text!r} is not a trim_ratio: use 'auto' (or -1), 'off' (or none) or a keep ratio in (0, 1] such as "
+            "0.25."
+        )
+    return ratio
+
+
 def check_trim_iqr_multiplier(multiplier) -> None:
     """Raise a `ValueError` unless `multiplier` is a finite real number `>= 0`."""
     is_real = isinstance(multiplier, numbers.Real) and not isinstance(multiplier, bool)

@@ -24,19 +24,34 @@ python convert_checkpoint.py --llava liuhaotian/llava-v1.5-7b --output llava-v1.
 ```
 """
 
-import argparse
-import contextlib
-import logging
 import os
-import re
-import shutil
 import signal
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-import torch
+# A signal during the first seconds (the imports below) ends the run with the one line any interruption gives: the
+# handlers go in before the imports when this file runs as a program, and `main` takes over from them.
+_START_UP_HANDLERS: dict = {}
+TERMINATION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+if __name__ == "__main__":
+
+    def _stop_while_starting(signum, frame):
+        sys.stderr.write(f"error: interrupted by {signal.Signals(signum).name}: nothing was written.\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)  # nothing is written yet, and an exception could be caught by an import on its way
+
+    _START_UP_HANDLERS = {number: signal.signal(number, _stop_while_starting) for number in TERMINATION_SIGNALS}
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 if (
     not __package__
@@ -51,7 +66,7 @@ if (
         sys.modules["llava_trim"] = importlib.util.module_from_spec(_spec)
         _spec.loader.exec_module(sys.modules["llava_trim"])
 
-from llava_trim.configuration_llava_trim import check_trim_ratio  # noqa: E402
+from llava_trim.configuration_llava_trim import parse_trim_ratio  # noqa: E402
 from llava_trim.conversion import ConversionError  # noqa: E402
 from llava_trim.conversion.plan import ConversionPlan, plan_conversion  # noqa: E402
 from llava_trim.conversion.sources import (  # noqa: E402
@@ -73,6 +88,7 @@ from llava_trim.conversion.write import (  # noqa: E402
     write_processor,
     write_weights,
 )
+from llava_trim.tools.cli import command_parser, flag_value  # noqa: E402
 
 logger = logging.getLogger("llava_trim.convert_checkpoint")
 
@@ -288,25 +304,6 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False, revision: str
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def parse_trim_ratio(value: str) -> float | None:
-    """`--trim-ratio`: `none`/`off` (plain LLaVA), `-1`/`auto`, or a fraction in (0, 1]."""
-    text = value.strip().lower()
-    if text in ("none", "off"):
-        return None
-    if text == "auto":
-        return -1
-    try:
-        ratio = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected none, auto, -1 or a fraction in (0, 1], got {value!r}") from None
-    ratio = -1 if ratio == -1 else ratio
-    try:
-        check_trim_ratio(ratio)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return ratio
-
-
 def parse_size(value: str) -> int:
     """`--max-shard-size`: bytes, or a number with KB/MB/GB (powers of 1000) or KiB/MiB/GiB (powers of 1024)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", value, flags=re.IGNORECASE)
@@ -321,32 +318,31 @@ def parse_size(value: str) -> int:
     return size
 
 
+EXAMPLES = """\
+# original LLaVA-1.5 + CLIP from the Hub, checked after writing
+python convert_checkpoint.py --llava liuhaotian/llava-v1.5-7b --output llava-v1.5-7b-trim --verify
+
+# the TRIM-finetuned checkpoint (CLIP towers embedded, TRIM:-1 in its config), pushed to a private repository
+python convert_checkpoint.py --llava FreedomIntelligence/llava-v1.5-7b-TRIM --output llava-v1.5-7b-trim-ft \\
+    --push-to-hub your-name/llava-v1.5-7b-trim --private --revision main --license apache-2.0
+
+# local llava-hf folder, bfloat16, a fixed quarter of the image tokens, 2 GB shards, replacing an old output
+python convert_checkpoint.py --llava ./llava-1.5-7b-hf --clip ./clip-vit-large-patch14-336 --dtype bfloat16 \\
+    --trim-ratio 0.25 --max-shard-size 2GB --output ./out --overwrite --base-model llava-hf/llava-1.5-7b-hf
+
+# the starting point of LLaVA-1.5's second stage (fine-tuning with TRIM): Vicuna + the pretrained projector
+python convert_checkpoint.py --language-model lmsys/vicuna-7b-v1.5 \\
+    --projector liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5 --output llava-v1.5-7b-stage2-start"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convert_checkpoint.py",
-        description=(
-            "Convert a LLaVA-1.5 checkpoint (original liuhaotian, FreedomIntelligence TRIM, or llava-hf) plus CLIP\n"
-            "into a LLaVA-TRIM model repository that loads with trust_remote_code=True, optionally verified and\n"
-            "pushed to the Hub. The output is written to a temporary folder beside --output and renamed on success:\n"
-            "a failed or refused conversion leaves nothing behind."
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="""examples:
-  # original LLaVA-1.5 + CLIP from the Hub, checked after writing
-  python convert_checkpoint.py --llava liuhaotian/llava-v1.5-7b --output llava-v1.5-7b-trim --verify
-
-  # the TRIM-finetuned checkpoint (CLIP towers embedded, TRIM:-1 in its config), pushed to a private repository
-  python convert_checkpoint.py --llava FreedomIntelligence/llava-v1.5-7b-TRIM --output llava-v1.5-7b-trim-ft \\
-      --push-to-hub your-name/llava-v1.5-7b-trim --private --revision main --license apache-2.0
-
-  # local llava-hf folder, bfloat16, a fixed quarter of the image tokens, 2 GB shards, replacing an old output
-  python convert_checkpoint.py --llava ./llava-1.5-7b-hf --clip ./clip-vit-large-patch14-336 --dtype bfloat16 \\
-      --trim-ratio 0.25 --max-shard-size 2GB --output ./out --overwrite --base-model llava-hf/llava-1.5-7b-hf
-
-  # the starting point of LLaVA-1.5's second stage (fine-tuning with TRIM): Vicuna + the pretrained projector
-  python convert_checkpoint.py --language-model lmsys/vicuna-7b-v1.5 \
-      --projector liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5 --output llava-v1.5-7b-stage2-start
-""",
+    parser = command_parser(
+        "convert_checkpoint.py",
+        "Convert a LLaVA-1.5 checkpoint (original liuhaotian, FreedomIntelligence TRIM, or llava-hf) plus CLIP into a "
+        "LLaVA-TRIM model repository that loads with trust_remote_code=True, optionally verified and pushed to the "
+        "Hub. The output is written to a temporary folder beside --output and renamed on success: a failed or "
+        "refused conversion leaves nothing behind.",
+        EXAMPLES,
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -377,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, metavar="DIR", help="Folder to write (e.g. ./llava-v1.5-7b-trim).")
     parser.add_argument(
         "--trim-ratio",
-        type=parse_trim_ratio,
+        type=flag_value(parse_trim_ratio, "trim_ratio"),
         default=FROM_SOURCE,
         metavar="R",
         help="Default TRIM mode stored in the config: -1/auto (IQR outliers), a fraction in (0, 1] (e.g. 0.25), or "
@@ -438,9 +434,6 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-TERMINATION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
 @contextlib.contextmanager
 def _signals_raise_interrupted():
     """
@@ -463,8 +456,8 @@ def _signals_raise_interrupted():
     try:
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        for number, handler in previous.items():  # the handlers from before start-up, not the start-up ones
+            signal.signal(number, _START_UP_HANDLERS.get(number, handler))
 
 
 def describe_os_error(error: OSError) -> str:

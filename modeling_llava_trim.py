@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, StaticLayer
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import (
@@ -315,15 +315,6 @@ class TrimmedInputs:
     @property
     def selection(self) -> TrimSelection:
         return self.image_outputs.trim_selection
-
-
-@dataclass
-class TrimCacheRecord:
-    """Kept on a cache built from images: the compacted tokens it holds and the selection its images came from."""
-
-    input_ids: torch.LongTensor  # (batch, length), compacted prompt, followed by the generated tokens after `generate`
-    keep_mask: torch.Tensor  # (num_images, N)
-    trim_ratio: float | None
 
 
 @dataclass
@@ -888,6 +879,7 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
         elif not (mm_encoder_outputs or {}).get("image") and input_ids is not None:
             trim_off = self._trim_ratio(trim_ratio) is None
             _refuse_placeholders_without_images(input_ids, cache, self.config.image_token_id, trim_off)
+        past_length = cache.get_seq_length() if cache is not None else 0
         outputs = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -897,6 +889,16 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
+        if outputs.cache is not None and not torch.compiler.is_compiling():  # compiled decoding: `generate` records
+            images = PromptImages.of(
+                trimmed,
+                pixel_values,
+                mm_encoder_outputs,
+                self.config,
+                vision_feature_layer,
+                vision_feature_select_strategy,
+            )
+            _advance_record(outputs.cache, self, past_length, input_ids, attention_mask, images)
         return LlavaTrimModelOutputWithPast(
             **outputs,
             trim_selection=trimmed.selection if trimmed else None,
@@ -1049,8 +1051,12 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
         )
         if trimmed is None:
             return LlavaTrimCausalLMOutputWithPast(**outputs)
-        if outputs.cache is not None and input_ids is not None:  # `inputs_embeds` give no tokens to record
-            _record_selection(outputs.cache, trimmed)
+        if outputs.cache is not None and input_ids is not None:  # the model saw ready-made features: name their source
+            images = PromptImages.of(
+                trimmed, pixel_values, None, self.config, vision_feature_layer, vision_feature_select_strategy
+            )
+            sources = images.positions(input_ids, attention_mask, self.config.image_token_id)
+            _record(outputs.cache, self.model, input_ids, sources, images.sources)
         return LlavaTrimCausalLMOutputWithPast(
             **outputs,
             trim_selection=trimmed.selection,
@@ -1088,61 +1094,85 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
         generation option behaves as for native Llava. Lengths (`max_length`, `min_length`) count the caller's
         `input_ids`, and the returned sequences are the caller's `input_ids` followed by the new tokens, so
         `out[:, input_ids.shape[1]:]` is the answer. With `return_dict_in_generate=True` the output also carries
-        `trim_selection`. A cache returned by an earlier call continues a chat when its images' selection is the
-        same; one built from another selection is refused.
+        `trim_selection`. A cache given with `cache=` (from an earlier call of this model) is checked against the
+        prompt and reused up to the first position that differs (token, padding, or an image's pixels or selection),
+        so the answer is that of a fresh run; a cache that cannot be checked is refused (docs/trim.md section 5).
         """
         if isinstance(trim_ratio, (list, tuple)):
             trim_ratio = _one_trim_ratio(trim_ratio)
         if trim_ratio is not FROM_CONFIG:
             check_trim_ratio(trim_ratio)  # also when there is no image
-        if pixel_values is None:
-            return super().generate(inputs, generation_config, **kwargs)
         input_ids = kwargs.pop("input_ids", None)
         if inputs is not None:
             if input_ids is not None:
                 raise ValueError("Pass the prompt once: as `inputs` or as `input_ids`, not both.")
             input_ids = inputs
-        trimmed = self.model.prepare_trimmed_inputs(
-            input_ids,
-            pixel_values,
-            kwargs.pop("attention_mask", None),
-            trim_input_ids,
-            trim_attention_mask,
-            trim_ratio,
-            position_ids=kwargs.pop("position_ids", None),
-            inputs_embeds=kwargs.pop("inputs_embeds", None),
-            mm_encoder_outputs=kwargs.pop("mm_encoder_outputs", None),
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            image_sizes=image_sizes,
-        )
-        sequence, image_outputs = trimmed.sequence, trimmed.image_outputs
-        if sequence.position_ids is not None:
-            kwargs["position_ids"] = sequence.position_ids
         cache = kwargs.get("cache")
-        if cache is not None and cache.get_seq_length() > 0:
-            reused = _reusable_cache_length(cache, sequence.input_ids)
-            if reused > 0:
-                image_outputs = _features_after_cache(cache, trimmed, self.config.image_token_id, reused)
-            _crop_cache(cache, reused)
-        generation_config = _lengths_in_compacted_prompt(
-            self, generation_config, kwargs, sequence.input_ids.shape[1] - input_ids.shape[1]
-        )
-        if kwargs.get("streamer") is not None:
+        if input_ids is None and pixel_values is None:  # a prompt given as `inputs_embeds`: nothing to compare
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError("Pass the prompt as `input_ids` to continue from a cache, so it can be checked.")
+            return super().generate(None, generation_config, **kwargs)
+        config = self._prepare_generation_config(generation_config, **kwargs)[0]
+        attention_mask = kwargs.pop("attention_mask", None)
+        if attention_mask is None and input_ids is not None:  # inferred from the padding as native does, before TRIM
+            self._prepare_special_tokens(config, False, device=input_ids.device, batch_size=input_ids.shape[0])
+            attention_mask = self._prepare_attention_mask_for_generation(input_ids, config, {})
+        if pixel_values is None:
+            sequence = CompactedSequence(input_ids, attention_mask, None, None)
+            images = PromptImages.ready_made(kwargs.pop("mm_encoder_outputs", None))
+        else:
+            trimmed = self.model.prepare_trimmed_inputs(
+                input_ids,
+                pixel_values,
+                attention_mask,
+                trim_input_ids,
+                trim_attention_mask,
+                trim_ratio,
+                position_ids=kwargs.pop("position_ids", None),
+                inputs_embeds=kwargs.pop("inputs_embeds", None),
+                mm_encoder_outputs=kwargs.pop("mm_encoder_outputs", None),
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                image_sizes=image_sizes,
+            )
+            sequence = trimmed.sequence
+            images = PromptImages.of(
+                trimmed, pixel_values, None, self.config, vision_feature_layer, vision_feature_select_strategy
+            )
+            if sequence.position_ids is not None:
+                kwargs["position_ids"] = sequence.position_ids
+        shift = sequence.input_ids.shape[1] - input_ids.shape[1]
+        sources = images.positions(sequence.input_ids, sequence.attention_mask, self.config.image_token_id)
+        features = images.features
+        if cache is not None:
+            new_tokens = config.max_new_tokens
+            if new_tokens is None:
+                new_tokens = (config.max_length or 0) - input_ids.shape[1]
+            needed = sequence.input_ids.shape[1] + new_tokens - 1  # the last new token is not cached
+            reused = _continue_from_cache(cache, self.model, sequence.input_ids, sources, images, needed)
+            features = images.after(sources, reused)
+            if features is None and reused > 0:  # what a fresh run's `forward` does with placeholders and no image
+                trim_off = self.config.trim_ratio is None  # (`trim_ratio` without an image does not reach `forward`)
+                _refuse_placeholders_without_images(
+                    sequence.input_ids[:, reused:], None, self.config.image_token_id, trim_off
+                )
+        generation_config = _lengths_in_compacted_prompt(self, generation_config, kwargs, shift)
+        if kwargs.get("streamer") is not None and pixel_values is not None:
             kwargs["streamer"] = _CallerPromptStreamer(kwargs["streamer"], input_ids)
 
         outputs = super().generate(
             sequence.input_ids,
             generation_config,
             attention_mask=sequence.attention_mask,
-            mm_encoder_outputs={"image": image_outputs},
+            **({"mm_encoder_outputs": {"image": features}} if features is not None else {}),
             **kwargs,
         )
 
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
-        for used_cache in (cache, getattr(outputs, "cache", None)):
-            if used_cache is not None:
-                _record_selection(used_cache, trimmed, sequences)
+        for used_cache in {id(c): c for c in (cache, getattr(outputs, "cache", None)) if c is not None}.values():
+            _record_generation(used_cache, self.model, sequence.input_ids, sources, images, sequences)
+        if pixel_values is None:
+            return outputs
         new_tokens = sequences[:, sequence.input_ids.shape[1] :]
         prompts = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
         sequences = torch.cat([prompts, new_tokens.to(prompts.device)], dim=1)
@@ -1154,7 +1184,7 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Generation helpers: lengths in the caller's coordinates, caches that carry a selection
+# Generation helpers: lengths in the caller's coordinates
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -1189,94 +1219,237 @@ def _lengths_in_compacted_prompt(
     return config
 
 
-def _record_selection(cache: Cache, trimmed: TrimmedInputs, sequences: torch.LongTensor | None = None) -> None:
-    """Note on the cache the tokens it holds and the selection its images come from, for a continuation to check.
+# ---------------------------------------------------------------------------------------------------------------------
+# Caches that say what they hold (docs/trim.md section 5, "Continuing a chat from a cache")
+# ---------------------------------------------------------------------------------------------------------------------
 
-    `sequences` (compacted prompt + generated tokens) replace the prompt when they are one row per prompt; with
-    several rows per prompt (beams, `num_return_sequences`) only the prompt is recorded.
+TEXT, PADDING = -1, -2  # sources of positions that are not image positions
+
+
+@dataclass(eq=False)
+class ImageSource:
+    """What one image's features were computed from; equal sources give equal features.
+
+    From `pixel_values`: a copy of the image's pixels, its keep mask and the vision settings. Features handed in
+    ready-made (`mm_encoder_outputs`) are the same only when they are the same object.
     """
-    token_ids = trimmed.sequence.input_ids
-    if sequences is not None and sequences.shape[0] == token_ids.shape[0]:
-        token_ids = sequences
-    cache.llava_trim_record = TrimCacheRecord(token_ids, trimmed.selection.keep_mask, trimmed.selection.trim_ratio)
+
+    pixels: torch.Tensor | None  # (3, H, W)
+    keep_mask: torch.Tensor | None  # (N,)
+    settings: tuple  # (vision_feature_layer, vision_feature_select_strategy, TRIM on) or (index,) when ready-made
+    ready_made: object = None
+
+    def __eq__(self, other) -> bool:
+        if self.pixels is None or other.pixels is None:
+            return self.ready_made is other.ready_made and self.settings == other.settings
+        return (
+            self.settings == other.settings
+            and _same_tensor(self.pixels, other.pixels)
+            and _same_tensor(self.keep_mask, other.keep_mask)
+        )
 
 
-def _reusable_cache_length(cache: Cache, input_ids: torch.LongTensor) -> int:
-    """How many of the tokens a cache holds the new compacted prompt repeats, and so may be reused.
+@dataclass
+class TrimCacheRecord:
+    """What the positions of a cache hold, written by the model that filled them (`cache.llava_trim_record`).
 
-    A chat re-rendered from decoded text need not give back the tokens the cache holds (an answer cut inside a
-    multi-byte character, a tokenizer that merges differently, new left padding in a batch): the positions from the
-    first differing token on are recomputed instead of reused. The prompt's last token is always computed.
+    `input_ids[:, j]` is the compacted token at position `j` and `sources[:, j]` where its input came from: an index
+    into `images` on image positions, `TEXT` or `PADDING` elsewhere. A record may describe fewer positions than the
+    cache holds (those after it are not reused) or more (after `generate`, its last token is not cached yet).
     """
-    past_length = cache.get_seq_length()
+
+    model_id: int
+    input_ids: torch.LongTensor  # (rows, length)
+    sources: torch.LongTensor  # (rows, length)
+    images: list[ImageSource]
+
+
+@dataclass
+class PromptImages:
+    """The images of one call, in order of appearance: their sources and the features that fill their positions."""
+
+    sources: list[ImageSource]
+    features: BaseModelOutputWithPooling | None  # `pooler_output`: one `(tokens, hidden)` tensor per image
+
+    @classmethod
+    def of(
+        cls,
+        trimmed: TrimmedInputs | None,
+        pixel_values: torch.Tensor | None,
+        mm_encoder_outputs: dict | None,
+        config: LlavaTrimConfig,
+        layer: int | None = None,
+        strategy: str | None = None,
+    ) -> "PromptImages":
+        """The images of a call: from `pixel_values` (and what TRIM made of them), else the ready-made features."""
+        if trimmed is None:
+            return cls.ready_made(mm_encoder_outputs)
+        settings = (
+            config.vision_feature_layer if layer is None else layer,
+            strategy or config.vision_feature_select_strategy,
+            trimmed.selection.trim_ratio is not None,
+        )
+        pixels = pixel_values.detach().clone()  # a caller may refill its buffer with the next image
+        keep = trimmed.selection.keep_mask
+        return cls([ImageSource(pixels[i], keep[i], settings) for i in range(len(keep))], trimmed.image_outputs)
+
+    @classmethod
+    def ready_made(cls, mm_encoder_outputs: dict | None) -> "PromptImages":
+        features = (mm_encoder_outputs or {}).get("image")
+        if features is None:
+            return cls([], None)
+        return cls([ImageSource(None, None, (i,), features) for i in range(len(features.pooler_output))], features)
+
+    def positions(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, image_token_id: int):
+        """The source of every position of `input_ids`, shape `(rows, length)`: image index, `TEXT` or `PADDING`.
+
+        Placeholders without features (or whose count does not match them) are embedded as tokens: `TEXT`."""
+        sources = torch.full_like(input_ids, TEXT)
+        if self.features is not None:
+            tokens_per_image = torch.tensor([len(f) for f in self.features.pooler_output], device=input_ids.device)
+            image_of = torch.arange(len(tokens_per_image), device=input_ids.device).repeat_interleave(tokens_per_image)
+            is_image = input_ids == image_token_id  # row after row: the order of the features
+            if int(is_image.sum()) == len(image_of):
+                sources[is_image] = image_of
+        if attention_mask is not None and attention_mask.ndim == 2:
+            sources = sources.masked_fill(attention_mask.to(sources.device) == 0, PADDING)
+        return sources
+
+    def after(self, sources: torch.LongTensor, length: int) -> BaseModelOutputWithPooling | None:
+        """The features of the image positions from `length` on (those a cache of `length` positions lacks)."""
+        if self.features is None or length == 0:
+            return self.features
+        features = torch.cat(list(self.features.pooler_output))
+        columns = (sources >= 0).nonzero()[:, 1].to(features.device)  # row after row: the order of the features
+        selection = getattr(self.features, "trim_selection", None)
+        return LlavaTrimImageOutput(pooler_output=[features[columns >= length]], trim_selection=selection)
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device))
+
+
+def _record(cache: Cache, model: nn.Module, input_ids, sources, images: list[ImageSource]) -> None:
+    cache.llava_trim_record = TrimCacheRecord(id(model), input_ids, sources, images)
+
+
+def _advance_record(
+    cache: Cache | None,
+    model: nn.Module,
+    past_length: int,
+    input_ids: torch.LongTensor | None,
+    attention_mask: torch.Tensor | None,
+    images: PromptImages,
+) -> None:
+    """Keep a cache's record in step with a forward pass that wrote its positions from `past_length` on."""
+    if cache is None:
+        return
+    past_length = int(past_length)  # a tensor for static caches
     record = getattr(cache, "llava_trim_record", None)
-    if record is None or record.input_ids.shape[0] != input_ids.shape[0]:
-        return past_length
+    if past_length == 0:  # a new cache: this model fills it from the start
+        empty = input_ids[:, :0] if input_ids is not None else None
+        record = TrimCacheRecord(id(model), empty, empty, []) if input_ids is not None else None
+    if record is None or record.model_id != id(model):
+        cache.llava_trim_record = None  # not known: a call that would reuse the cache refuses it
+        return
+    known = min(past_length, record.input_ids.shape[1])  # the positions rewritten from `past_length` on are not known
+    record.input_ids, record.sources = record.input_ids[:, :known], record.sources[:, :known]
+    if input_ids is not None and known == past_length and record.input_ids.shape[0] == input_ids.shape[0]:
+        if attention_mask is not None and attention_mask.shape[-1] != past_length + input_ids.shape[1]:
+            attention_mask = None
+        if attention_mask is not None and attention_mask.ndim == 2:
+            attention_mask = attention_mask[:, past_length:]
+        sources = images.positions(input_ids, attention_mask, model.config.image_token_id)
+        sources = sources + (sources >= 0) * len(record.images)
+        device = input_ids.device
+        record.input_ids = torch.cat([record.input_ids.to(device), input_ids], dim=1)
+        record.sources = torch.cat([record.sources.to(device), sources], dim=1)
+        record.images = record.images + images.sources
+    cache.llava_trim_record = record
+
+
+def _continue_from_cache(
+    cache: Cache,
+    model: nn.Module,
+    input_ids: torch.LongTensor,
+    sources: torch.LongTensor,
+    images: PromptImages,
+    needed: int,
+) -> int:
+    """Check what a cache passed to `generate` holds against the new (compacted) prompt, crop it at the first position
+    that differs (token, padding, or the image its features came from), and return how many positions it keeps.
+
+    A cache that cannot be checked (not filled by this model), that holds other rows, or that is too short for the
+    call is refused. The prompt's last position is always computed.
+    """
+    static_lengths = [layer.max_cache_len for layer in getattr(cache, "layers", []) if isinstance(layer, StaticLayer)]
+    if static_lengths and needed > min(static_lengths):
+        raise ValueError(
+            f"This static cache holds {min(static_lengths)} positions but the call needs up to {needed} (the prompt, "
+            f"{input_ids.shape[1]} positions after TRIM, plus the new tokens): make it larger (`max_cache_len`) or "
+            "continue with a DynamicCache (the default)."
+        )
+    past_length = int(cache.get_seq_length())
+    if past_length == 0:
+        return 0
+    record = getattr(cache, "llava_trim_record", None)
+    if record is None or record.model_id != id(model):
+        raise ValueError(
+            f"The cache holds {past_length} positions but was not filled by this model (it has no record of what it "
+            "holds), so reusing it could give another answer: pass a cache returned by this model's `generate` or "
+            "`forward`, or start without one."
+        )
+    if record.input_ids.shape[0] != input_ids.shape[0]:
+        raise ValueError(
+            f"The cache holds {record.input_ids.shape[0]} rows but the prompt has {input_ids.shape[0]} (beam search "
+            "and `num_return_sequences` keep one cache row per candidate): continue from a call that returns one "
+            "sequence per prompt, or start without the cache."
+        )
     length = min(past_length, record.input_ids.shape[1], input_ids.shape[1] - 1)
-    differs = (record.input_ids[:, :length].to(input_ids.device) != input_ids[:, :length]).any(dim=0)  # (length,)
-    return int(differs.long().argmax()) if differs.any() else length
+    old_ids, old_sources = record.input_ids[:, :length].to(input_ids.device), record.sources[:, :length]
+    old_sources, new_sources = old_sources.to(input_ids.device), sources[:, :length]
+    # image positions match when both come from equal image sources; compare each pair that meets once
+    both = (old_sources >= 0) & (new_sources >= 0)
+    pairs = torch.stack([old_sources[both], new_sources[both]], dim=1).unique(dim=0).tolist()
+    same_image = torch.zeros(len(record.images) + 1, len(images.sources) + 1, dtype=torch.bool)
+    for old, new in pairs:
+        same_image[old, new] = record.images[old] == images.sources[new]
+    image_match = same_image.to(input_ids.device)[old_sources.clamp(min=-1), new_sources.clamp(min=-1)]
+    same = (old_ids == input_ids[:, :length]) & torch.where(both, image_match, old_sources == new_sources)
+    differs = ~same.all(dim=0)  # (length,)
+    reused = int(differs.long().argmax()) if differs.any() else length
+    _crop_cache(cache, reused)
+    return reused
 
 
 def _crop_cache(cache: Cache, length: int) -> None:
     """Keep the first `length` positions of `cache`."""
-    past_length = cache.get_seq_length()
+    past_length = int(cache.get_seq_length())
     if length >= past_length:
         return
     try:
         cache.crop(length - past_length)  # transformers' crop takes the (negative) number of tokens to remove
     except (AttributeError, NotImplementedError, RuntimeError, ValueError) as error:
         raise ValueError(
-            f"The prompt repeats only the first {length} of the {past_length} tokens the cache holds, and this "
+            f"The prompt repeats only the first {length} of the {past_length} positions the cache holds, and this "
             f"cache ({type(cache).__name__}) cannot be cropped: start without the cache or pass a DynamicCache."
         ) from error
 
 
-def _features_after_cache(
-    cache: Cache, trimmed: TrimmedInputs, image_token_id: int, past_length: int
-) -> LlavaTrimImageOutput:
-    """Continue from the first `past_length` positions of a cache: check they were built from this selection and keep
-    the features of the images after them only."""
-    selection = trimmed.selection
-    columns = (trimmed.sequence.input_ids == image_token_id).nonzero()[:, 1]  # row after row: pixel_values order
-    image_of = torch.arange(len(selection.keep_mask), device=columns.device).repeat_interleave(
-        selection.tokens_per_image.to(columns.device)
-    )
-    cached = columns < past_length
-    cached_images = image_of[cached].unique().tolist()
-    if not cached_images:
-        return trimmed.image_outputs
-    record = getattr(cache, "llava_trim_record", None)
-    if record is None:
-        raise ValueError(
-            "The cache covers image positions but does not say which image tokens TRIM kept when it was built: "
-            "continue only with a cache returned by this model's `generate` or `forward`, or start without it."
-        )
-    if record.trim_ratio != selection.trim_ratio:
-        raise ValueError(
-            f"The cache was built with trim_ratio={record.trim_ratio!r} but this call uses "
-            f"trim_ratio={selection.trim_ratio!r}: pass trim_ratio={record.trim_ratio!r} to continue it, or start "
-            "without the cache."
-        )
-    length = min(record.input_ids.shape[1], past_length)
-    same_prefix = record.input_ids.shape[0] == trimmed.sequence.input_ids.shape[0] and torch.equal(
-        record.input_ids[:, :length].to(trimmed.sequence.input_ids.device), trimmed.sequence.input_ids[:, :length]
-    )
-    same_selection = len(record.keep_mask) >= len(cached_images) and all(
-        torch.equal(record.keep_mask[i].to(selection.keep_mask.device), selection.keep_mask[i]) for i in cached_images
-    )
-    if not (same_prefix and same_selection):
-        raise ValueError(
-            f"TRIM now keeps different tokens of image(s) {cached_images} than when the cache was built (was each "
-            "image's question, `trim_text`, changed?). Keep each image's question the same over the chat (the "
-            "processor's default: the user turn that carries it), or start without the cache."
-        )
-    # after the selection check: a changed selection can change an image's length (LLaVA-NeXT's kept newlines)
-    if set(cached_images) & set(image_of[~cached].tolist()):
-        raise ValueError("The cache ends inside an image's tokens: start from the cache of a whole earlier turn.")
-    features = torch.cat(trimmed.image_outputs.pooler_output)[
-        ~cached.to(trimmed.image_outputs.pooler_output[0].device)
-    ]
-    return LlavaTrimImageOutput(pooler_output=[features], trim_selection=selection)
+def _record_generation(
+    cache: Cache, model: nn.Module, input_ids, sources, images: PromptImages, sequences: torch.LongTensor
+) -> None:
+    """Write on a cache that `generate` used what it holds: the compacted prompt, then the generated tokens when there
+    is one cache row per prompt (beam search reorders its rows, so only the prompt they share is recorded then)."""
+    rows = next((layer.keys.shape[0] for layer in cache.layers if getattr(layer, "keys", None) is not None), 0)
+    if rows == input_ids.shape[0] == sequences.shape[0]:
+        new_tokens = sequences[:, input_ids.shape[1] :].to(input_ids.device)
+        input_ids = torch.cat([input_ids, new_tokens], dim=1)
+        sources = torch.cat([sources, torch.full_like(new_tokens, TEXT)], dim=1)
+    elif rows > 0 and rows % input_ids.shape[0] == 0:
+        repeats = rows // input_ids.shape[0]
+        input_ids, sources = input_ids.repeat_interleave(repeats, dim=0), sources.repeat_interleave(repeats, dim=0)
+    _record(cache, model, input_ids, sources, images.sources)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import os
 import re
 import urllib.parse
 import urllib.request
+import warnings
 from typing import Any, TypeAlias
 
 import torch
@@ -20,7 +21,12 @@ from transformers import AddedToken, AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_backends import PilBackend
 from transformers.image_transforms import convert_to_rgb, to_pil_image
-from transformers.image_utils import ChannelDimension, is_pil_image, to_numpy_array
+from transformers.image_utils import (
+    ChannelDimension,
+    infer_channel_dimension_format,
+    is_pil_image,
+    to_numpy_array,
+)
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 from transformers.utils import is_numpy_array, logging
@@ -83,6 +89,15 @@ PILImage: TypeAlias = Any
 # PIL modes with more than 8 bits per sample: scaled to 8-bit grayscale before the RGB conversion.
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
+# The most pixels (width x height) an image may have: larger ones are refused from their header, before decoding (an
+# RGB image takes 3 bytes a pixel: 150 MB here). PIL's own `Image.MAX_IMAGE_PIXELS` applies too when it is lower.
+MAX_IMAGE_PIXELS = 50_000_000
+
+# LLaVA's pad-to-square builds a canvas of side max(width, height) before resizing it to 336 px. Up to this many
+# canvas pixels (a 4096 x 4096 canvas, 50 MB) it is built as transformers does; beyond, only the strip of the canvas
+# that the resize filter reaches is (see `bounded_pad_and_resize`).
+MAX_CANVAS_PIXELS = 4096 * 4096
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Images: one decoding path for every kind of input
@@ -93,18 +108,26 @@ def load_image(image) -> PILImage:
     """
     Turn one image input into an upright 8-bit RGB `PIL.Image`.
 
-    Every input goes through the same decoding: a local path, a `file://` or `http(s)://` URL or a base64 string is
-    opened with PIL as stored; a `np.ndarray` or `torch.Tensor` (HWC or CHW, uint8, uint16, bool or float in [0, 1])
-    becomes a PIL image; then, for all of them, the EXIF orientation is applied (`PIL.ImageOps.exif_transpose`),
-    16-bit and float samples are scaled to 8 bits, transparency (alpha, palette or colour key) is composited onto
-    white and any other mode (palette, CMYK, grayscale, ...) converted to RGB.
+    Every input goes through the same decoding: a local path (`str` or `os.PathLike`), a `file://` or `http(s)://`
+    URL or a base64 string is opened with PIL as stored; a `np.ndarray` or `torch.Tensor` (HWC or CHW, uint8, uint16,
+    bool or float in [0, 1]) becomes a PIL image; then, for all of them, the EXIF orientation is applied
+    (`PIL.ImageOps.exif_transpose`), 16-bit and float samples are scaled to 8 bits, transparency (alpha, palette or
+    colour key) is composited onto white and any other mode (palette, CMYK, grayscale, ...) converted to RGB.
+
+    Work is bounded: an image over [`MAX_IMAGE_PIXELS`] pixels (or PIL's `Image.MAX_IMAGE_PIXELS` when lower) is
+    refused from its header, before its pixels are decoded, and an animated image (GIF, APNG, WebP) gives its first
+    frame, the others left undecoded.
 
     Raises:
-        `ValueError`: when the input is not an image, cannot be decoded, or has no pixels (a width or height of 0).
+        `ValueError`: when the input is not an image, cannot be decoded, has no pixels (a width or height of 0) or
+            too many.
     """
     from PIL import ImageOps
 
-    if isinstance(image, str):
+    owned = not is_pil_image(image)  # a decoded copy of our own, which may be changed in place
+    if isinstance(image, os.PathLike):
+        image = _open_image_file(os.fspath(image), repr(os.fspath(image)))
+    elif isinstance(image, str):
         image = _open_image_source(image)
     elif isinstance(image, torch.Tensor) or is_numpy_array(image):
         image = _array_to_pil(image)
@@ -115,17 +138,28 @@ def load_image(image) -> PILImage:
         )
     if image.width == 0 or image.height == 0:
         raise ValueError(f"The image is {image.width}x{image.height} pixels: an image needs at least one pixel.")
+    check_image_pixels(image.width, image.height)
     try:
-        upright = ImageOps.exif_transpose(image)
+        upright = ImageOps.exif_transpose(image, in_place=owned) or image
     except Exception:  # a broken EXIF block must not make an otherwise valid image unusable
         upright = image
     return _to_rgb(upright)
 
 
-def _open_image_source(source: str) -> PILImage:
-    """Open a path, file URL, http(s) URL or base64 string with PIL, pixels as stored (decoded by `load_image`)."""
+def check_image_pixels(width: int, height: int) -> None:
+    """Refuse an image over [`MAX_IMAGE_PIXELS`] pixels (or PIL's `Image.MAX_IMAGE_PIXELS`, when lower)."""
     from PIL import Image
 
+    limit = min(MAX_IMAGE_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_IMAGE_PIXELS)
+    if width * height > limit:
+        raise ValueError(
+            f"The image is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,} "
+            "(`processing_llava_trim.MAX_IMAGE_PIXELS`): downscale it first."
+        )
+
+
+def _open_image_source(source: str) -> PILImage:
+    """Open a path, file URL, http(s) URL or base64 string with PIL, pixels as stored (decoded by `load_image`)."""
     shown = source if len(source) <= 200 else source[:200] + "..."
     if source.startswith(("http://", "https://")):
         try:
@@ -137,10 +171,7 @@ def _open_image_source(source: str) -> PILImage:
         path = (
             urllib.request.url2pathname(urllib.parse.urlparse(source).path) if source.startswith("file://") else source
         )
-        if not os.path.isfile(path):
-            raise ValueError(f"Image {shown!r}: no such file {path!r}.")
-        with open(path, "rb") as file:
-            data = file.read()
+        return _open_image_file(path, repr(shown))
     else:
         payload = source.split(",", 1)[1] if source.startswith("data:image/") else source
         try:
@@ -150,14 +181,43 @@ def _open_image_source(source: str) -> PILImage:
                 f"Image {shown!r} is neither an existing file, a file:// or http(s):// URL, nor a base64-encoded "
                 "image."
             ) from None
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (OSError, SyntaxError, ValueError):  # PIL's `UnidentifiedImageError` is an `OSError`
-        raise ValueError(
-            f"Could not decode the image file {shown!r}: it is not an image Pillow can read (PNG, JPEG, WebP, ...)."
-        ) from None
+    return _decode_first_frame(data, repr(shown))
+
+
+def _open_image_file(path: str, shown: str) -> PILImage:
+    if not os.path.isfile(path):
+        raise ValueError(f"Image {shown}: no such file {path!r}.")
+    with open(path, "rb") as file:
+        return _decode_first_frame(file.read(), shown)
+
+
+def _decode_first_frame(data: bytes, shown: str) -> PILImage:
+    """
+    Decode the first frame of an encoded image. Its size is read from the header and checked before any pixel is
+    decoded; PIL's decompression-bomb error (and warning) is a `ValueError` too.
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings(), io.BytesIO(data) as buffer:  # closed once decoded: the bytes are freed
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(buffer)  # reads the header only
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ValueError(f"Image {shown} is refused as a decompression bomb: {error}") from None
+        except (OSError, SyntaxError, ValueError, EOFError):  # PIL's `UnidentifiedImageError` is an `OSError`
+            raise ValueError(_undecodable(shown)) from None
+        check_image_pixels(*image.size)
+        try:
+            image.load()  # the current frame: the first one, just opened
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ValueError(f"Image {shown} is refused as a decompression bomb: {error}") from None
+        except (OSError, SyntaxError, ValueError, EOFError):
+            raise ValueError(_undecodable(shown)) from None
     return image
+
+
+def _undecodable(shown: str) -> str:
+    return f"Could not decode the image file {shown}: it is not an image Pillow can read (PNG, JPEG, WebP, ...)."
 
 
 def _numpy_to_tensor(array) -> torch.Tensor:
@@ -181,8 +241,14 @@ def _array_to_pil(array) -> PILImage:
             raise ValueError(f"Cannot read a tensor of dtype {array.dtype} as an image: pass real values.")
     else:
         array = _numpy_to_tensor(array)
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = array.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
+    if array.ndim == 3 and (array.shape[0] in (1, 3, 4) or array.shape[-1] in (1, 3, 4)):
+        if array.shape[0] in (1, 3, 4) and array.shape[-1] in (1, 3, 4):
+            raise ValueError(
+                f"An array of shape {tuple(array.shape)} could be (C, H, W) or (H, W, C): convert it to a PIL image "
+                "first (`PIL.Image.fromarray(array)` for (H, W, C) uint8)."
+            )
+        if infer_channel_dimension_format(array, num_channels=(1, 3, 4)) == ChannelDimension.FIRST:
+            array = array.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
@@ -252,6 +318,87 @@ def llava_image_processor(image_processor):
     from transformers import LlavaImageProcessor  # the torchvision backend, like the CLIP processor given
 
     return LlavaImageProcessor(**settings, do_pad=True)
+
+
+# Half-width of PIL's resampling filters (PIL.Image.Resampling: LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING), in pixels of
+# the output; PIL widens them by the scale when it shrinks.
+_FILTER_SUPPORT = {1: 3.0, 2: 1.0, 3: 2.0, 4: 0.5, 5: 1.0}
+
+
+def bounded_pad_and_resize(image: PILImage, image_processor) -> PILImage:
+    """
+    LLaVA's pad-to-square and resize of an image whose square canvas is over [`MAX_CANVAS_PIXELS`], without building
+    the canvas; any other image is returned as it is (the image processor pads and resizes it).
+
+    PIL resizes in two passes, horizontal then vertical, each rounded to 8 bits, and only reads the lines of the
+    canvas within its filter's reach. So the long side is resized alone (the canvas adds no padding along it), and
+    the padded side on the strip of the canvas the filter reaches around the image, with PIL's `box` placing the
+    strip in the canvas; lines out of the image's reach are the padding colour. In PIL's pass order the result is
+    the canvas's resize but for the float position of the strip's windows (at most 2 levels of 255; 0 to 2 measured).
+    A very tall, thin image (its strip over `MAX_CANVAS_PIXELS` plus its own pixels: taller than about 22000 pixels)
+    is resized vertically first instead, which changes the rounding and clipping of the 8-bit pass in between: 1
+    level measured on photos, up to 19 on sharp 0/255 patterns (README, "Processor").
+
+    Returns:
+        `PIL.Image`: `image`, or its canvas resized to the image processor's square size (which it then keeps).
+    """
+
+    width, height = image.size
+    side = max(width, height)
+    size, resample = image_processor.size, image_processor.resample
+    target = size.shortest_edge if size.shortest_edge and not size.longest_edge else None
+    if size.height and size.width and size.height == size.width:
+        target = size.height
+    support = _FILTER_SUPPORT.get(int(resample)) if resample is not None else None
+    supported = isinstance(image_processor, PilBackend) and image_processor.do_pad and image_processor.do_resize
+    if side * side <= MAX_CANVAS_PIXELS or width == height or not supported or not target or support is None:
+        return image
+    fill = tuple(int(x * 255) for x in image_processor.image_mean or (0, 0, 0))  # transformers' padding colour
+    support *= max(side / target, 1.0)  # in canvas pixels
+    if width > height:  # padded vertically: the horizontal pass needs no padding
+        rows = image.resize((target, height), resample)  # (target, height): the canvas's horizontal pass
+        return _resize_padded_side(rows, (side - height) // 2, side, target, support, fill, resample, vertical=True)
+    offset = (side - width) // 2
+    first, last, low, high = _reach(offset, width, side, target, support)
+    if (high - low) * height <= MAX_CANVAS_PIXELS + width * height:  # PIL's order: horizontal (padded) pass first
+        columns = _resize_padded_side(image, offset, side, target, support, fill, resample, vertical=False)
+        return columns.resize((target, target), resample)  # (target, target): the vertical pass
+    columns = image.resize((width, target), resample)  # (width, target): the vertical pass first
+    return _resize_padded_side(columns, offset, side, target, support, fill, resample, vertical=False)
+
+
+def _reach(offset: int, length: int, side: int, target: int, support: float) -> tuple[int, int, int, int]:
+    """
+    For an image of `length` lines at `offset` in a canvas of `side` lines resized to `target`: the output lines
+    `[first, last)` whose filter window reaches the image, and the canvas lines `[low, high)` those windows read.
+    """
+    scale = side / target
+    first = max(0, math.floor((offset - support) / scale) - 1)
+    last = min(target, math.ceil((offset + length + support) / scale) + 1)
+    low = max(0, math.floor(first * scale - support) - 1)
+    high = min(side, math.ceil(last * scale + support) + 1)
+    return first, last, low, high
+
+
+def _resize_padded_side(
+    image: PILImage, offset: int, side: int, target: int, support: float, fill: tuple, resample, vertical: bool
+) -> PILImage:
+    """
+    Resize the padded side of the canvas (vertical or horizontal) from `side` to `target` lines, `image` lying at
+    `offset`: only the strip the filter reaches is built; lines beyond are `fill`, as PIL's resize of it gives.
+    """
+    from PIL import Image
+
+    length, other = (image.height, image.width) if vertical else (image.width, image.height)
+    first, last, low, high = _reach(offset, length, side, target, support)
+    strip = Image.new("RGB", (other, high - low) if vertical else (high - low, other), fill)
+    strip.paste(image, (0, offset - low) if vertical else (offset - low, 0))
+    start, end = first * side / target - low, last * side / target - low  # the output lines, in the strip
+    box = (0, start, other, end) if vertical else (start, 0, end, other)
+    part = strip.resize((other, last - first) if vertical else (last - first, other), resample, box=box)
+    resized = Image.new("RGB", (other, target) if vertical else (target, other), fill)
+    resized.paste(part, (0, first) if vertical else (first, 0))
+    return resized
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -719,6 +866,11 @@ class LlavaTrimProcessor(ProcessorMixin):
                 decoded.append(load_image(image))
             except ValueError as error:
                 raise ValueError(f"Image {index} ({_describe_image(image)}): {error}") from None
+        if all(  # the image processor's own canvas settings (which `bounded_pad_and_resize` reads)
+            images_kwargs.get(name) is None or images_kwargs[name] == getattr(self.image_processor, name, None)
+            for name in _GEOMETRY_KWARGS
+        ):
+            decoded = [bounded_pad_and_resize(image, self.image_processor) for image in decoded]
         outputs = self.image_processor(decoded, return_tensors="pt", **images_kwargs)
         return {"pixel_values": outputs["pixel_values"]}  # (num_images, 3, 336, 336)
 
@@ -779,6 +931,10 @@ class LlavaTrimProcessor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values", "trim_input_ids", "trim_attention_mask", "trim_ratio"]
+
+
+# Image processor options that change the canvas or its resize: given to a call, the canvas is built as they say.
+_GEOMETRY_KWARGS = ("do_pad", "do_resize", "size", "resample", "image_mean", "do_center_crop", "crop_size")
 
 
 def _describe_image(image) -> str:
@@ -996,7 +1152,11 @@ __all__ = [
     "VICUNA_V1_CHAT_TEMPLATE",
     "VICUNA_V1_SYSTEM",
     "LlavaTrimProcessor",
+    "MAX_CANVAS_PIXELS",
+    "MAX_IMAGE_PIXELS",
     "add_image_token",
+    "bounded_pad_and_resize",
+    "check_image_pixels",
     "llava_image_processor",
     "load_image",
     "questions_from_messages",

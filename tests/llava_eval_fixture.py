@@ -283,9 +283,9 @@ def build_llava_eval(root: Path) -> Path:
         root / "seed_bench/SEED-Bench.json",
         {
             "question_type": {"Scene Understanding": 1, "Instances Counting": 5},
-            "questions": [
-                {"question_id": "101669", "answer": "A", "data_type": "image", "question_type_id": 5},
+            "questions": [  # string ids, in another order than LLaVA's question file
                 {"question_id": "101670", "answer": "B", "data_type": "image", "question_type_id": 1},
+                {"question_id": "101669", "answer": "A", "data_type": "image", "question_type_id": 5},
             ],
         },
     )

@@ -20,6 +20,7 @@ gr = pytest.importorskip("gradio")
 # Gradio's queue calls pandas APIs that pandas 3 deprecates; not this project's to fix
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
 
+from llava_trim.configuration_llava_trim import parse_trim_ratio  # noqa: E402
 from llava_trim.tools import app as trim_app  # noqa: E402
 from llava_trim.tools.visualize import draw_kept_patches, pixel_values_to_image  # noqa: E402
 
@@ -108,13 +109,13 @@ def reference(loaded, image_path: Path, question: str, trim_ratio) -> tuple[int,
     ("mode", "trim_ratio"), [("auto", -1), ("AUTO", -1), ("-1", -1), ("off", None), ("0.25", 0.25), ("1", 1.0)]
 )
 def test_parse_mode(mode, trim_ratio):
-    assert trim_app.parse_mode(mode) == trim_ratio
+    assert parse_trim_ratio(mode) == trim_ratio
 
 
 @pytest.mark.parametrize("mode", ["0", "1.5", "-0.5", "half", "", "nan"])
 def test_parse_mode_refuses_with_the_accepted_forms(mode):
-    with pytest.raises(ValueError, match="'auto', 'off' or a keep ratio"):
-        trim_app.parse_mode(mode)
+    with pytest.raises(ValueError, match="use 'auto' \\(or -1\\), 'off' \\(or none\\) or a keep ratio"):
+        parse_trim_ratio(mode)
 
 
 def test_mode_from_controls():
@@ -233,7 +234,7 @@ def test_concurrent_requests_queue_and_all_get_their_answer(server, loaded, pict
     ]
     for mode, job in zip(modes, jobs, strict=True):
         text, _, kept = job.result(timeout=120)
-        assert (kept, text) == reference(loaded, picture, QUESTION, trim_app.parse_mode(mode))
+        assert (kept, text) == reference(loaded, picture, QUESTION, parse_trim_ratio(mode))
 
 
 def test_answer_endpoint_reports_bad_input_as_messages(server, picture, tmp_path):
@@ -245,7 +246,7 @@ def test_answer_endpoint_reports_bad_input_as_messages(server, picture, tmp_path
     cases = [
         ((handle_file(str(not_a_picture)), QUESTION, "auto"), "Could not open 'broken.png' as an image"),
         ((handle_file(str(picture)), "   ", "auto"), "The question is empty"),
-        ((handle_file(str(picture)), QUESTION, "1.5"), "TRIM mode '1.5' is not valid"),
+        ((handle_file(str(picture)), QUESTION, "1.5"), "'1.5' is not a trim_ratio"),
     ]
     for arguments, message in cases:
         with pytest.raises(Exception, match=message):
@@ -373,5 +374,6 @@ def test_page_in_headless_chromium(server, loaded, picture, tmp_path):
 def test_command_line_refuses_a_model_it_cannot_load(tmp_path):
     with pytest.raises(SystemExit, match="could not load a converted LLaVA-TRIM model"):
         trim_app.main(["--model", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="--max-new-tokens must be at least 1"):
-        trim_app.main(["--model", str(tmp_path), "--max-new-tokens", "0"])
+    for too_many in ("0", str(trim_app.MAX_NEW_TOKENS + 1)):
+        with pytest.raises(SystemExit, match=f"--max-new-tokens must be between 1 and {trim_app.MAX_NEW_TOKENS}"):
+            trim_app.main(["--model", str(tmp_path), "--max-new-tokens", too_many])

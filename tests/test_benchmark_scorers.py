@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from llava_trim.tools.benchmarks import normalize_vqa_answer, pope_answer, pope_metrics, vqa_score
-from llava_trim.tools.benchmarks.choice import ScienceQA, scienceqa_letter
-from llava_trim.tools.benchmarks.vqa import _CONTRACTIONS, _NUMBERS, _PUNCTUATION, TextVQA
-from llava_trim.tools.benchmarks.yes_no import POPE
+from llava_trim.tools.evaluation.tasks import normalize_vqa_answer, pope_answer, pope_metrics, vqa_score
+from llava_trim.tools.evaluation.tasks.choice import ScienceQA, scienceqa_letter
+from llava_trim.tools.evaluation.tasks.vqa import _CONTRACTIONS, _NUMBERS, _PUNCTUATION, TextVQA
+from llava_trim.tools.evaluation.tasks.yes_no import POPE
 
 m4c = pytest.importorskip("llava.eval.m4c_evaluator", reason="LLaVA's package is the reference scorer")
 

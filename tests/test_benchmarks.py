@@ -1,18 +1,21 @@
-"""Tests of `llava_trim.tools.benchmarks` through the evaluation tool: LLaVA-1.5's 12 benchmarks read from a miniature
-of `playground/data/eval` in the upstream layout, prompts against LLaVA's own conversation code, every output format,
-and every local score on hand-written answers (hand-computed expectations)."""
+"""Tests of `llava_trim.tools.evaluation.tasks` through the evaluation tool: LLaVA-1.5's 12 benchmarks read from a
+miniature of `playground/data/eval` in the upstream layout, prompts against LLaVA's own conversation code, every output
+format, and every local score on hand-written answers (hand-computed expectations)."""
 
 import base64
 import io
 import json
+import re
 
 import pytest
 from llava_eval_fixture import LETTER, SHORT, build_llava_eval, mmbench_rows, write_jsonl, write_tsv
 from PIL import Image
 
 import llava_trim.tools.evaluate as evaluate_module
-from llava_trim.tools.benchmarks import BENCHMARKS, get_benchmarks
-from llava_trim.tools.evaluate import build_prompt, main, new_answer_id
+from llava_trim.tools.evaluate import main
+from llava_trim.tools.evaluation.answers import new_answer_id
+from llava_trim.tools.evaluation.generation import build_prompt
+from llava_trim.tools.evaluation.tasks import BENCHMARKS, get_benchmarks
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +171,13 @@ def test_official_formats(all_run, data_root):
     assert rows[1][:2] == [0, "What colour is the picture?"] and rows[1][4] is None
     assert [row[6] or "" for row in rows[1:]] == [a["text"] for a in answers["mmbench"]]
 
+    # LLaVA's convert_seed_for_submission.py: SEED-Bench.json's order and its string ids
     seed = read_jsonl(all_run / "seed" / "seed_bench_auto.jsonl")
-    assert seed == [{"question_id": a["question_id"], "prediction": a["text"]} for a in answers["seed"]]
+    by_id = {a["question_id"]: a["text"] for a in answers["seed"]}
+    assert seed == [
+        {"question_id": "101670", "prediction": by_id[101670]},
+        {"question_id": "101669", "prediction": by_id[101669]},
+    ]
 
     mmvet = json.loads((all_run / "mmvet" / "mmvet_auto.json").read_text())
     assert mmvet == {"v1_0": answers["mmvet"][0]["text"]}
@@ -252,7 +260,7 @@ def test_servers_and_judges_get_files_not_scores(data_root, model_dir, tmp_path,
 
 
 def test_mmbench_missing_cells_follow_pandas(tmp_path):
-    from llava_trim.tools.benchmarks.choice import MMBench, is_missing
+    from llava_trim.tools.evaluation.tasks.choice import MMBench, is_missing
 
     assert all(is_missing(cell) for cell in ["", "nan", "NaN", "None", "none", "NA", "N/A", "null", "NULL"])
     assert not any(is_missing(cell) for cell in ["0", "No", "n", "nana", "None of these"])
@@ -265,7 +273,7 @@ def test_mmbench_missing_cells_follow_pandas(tmp_path):
 
 def test_textvqa_question_extraction_matches_llava():
     eval_textvqa = pytest.importorskip("llava.eval.eval_textvqa")
-    from llava_trim.tools.benchmarks import textvqa_question
+    from llava_trim.tools.evaluation.tasks import textvqa_question
 
     prompts = [
         "What is it?\nReference OCR token: a, b" + SHORT,
@@ -280,7 +288,7 @@ def test_textvqa_question_extraction_matches_llava():
 
 
 def test_vizwiz_submission_needs_every_question(data_root, tmp_path, capsys):
-    from llava_trim.tools.benchmarks.vqa import VizWiz
+    from llava_trim.tools.evaluation.tasks.vqa import VizWiz
 
     vizwiz = VizWiz(data_root)
     questions = vizwiz.load_questions()
@@ -293,3 +301,21 @@ def test_vizwiz_submission_needs_every_question(data_root, tmp_path, capsys):
         {"image": "VizWiz_test_00000000.jpg", "answer": "unanswerable"},
         {"image": "VizWiz_test_00000001.jpg", "answer": "red box"},
     ]
+
+
+def test_pope_on_a_part_of_the_questions_says_partial_and_averages_what_was_answered(
+    data_root, model_dir, tmp_path, no_model, capsys
+):
+    output = tmp_path / "pope_partial"
+    write_answers(output, "pope", data_root, ["Yes", "No, there is not.", "NO", "no!"], model_dir.name)
+    assert main([*cli(model_dir, data_root, output, "pope"), "--limit", "1"]) == 0
+    score = score_of(output, "pope")
+    # one right answer, in the adversarial split: the two splits without an answer are not averaged in as zeros
+    assert list(score["splits"]) == ["adversarial"] and score["splits"]["adversarial"]["num_questions"] == 1
+    assert score["accuracy"] == 1.0 and score["f1"] == 1.0
+    assert score["partial"] is True and (score["num_answered"], score["num_questions"]) == (1, 4)
+    printed = capsys.readouterr().out
+    assert "auto: f1 1, accuracy 1," in printed and "(partial: 1 of 4 questions answered)" in printed
+    header, row = (re.split(r"\s{2,}", line.strip()) for line in printed.splitlines()[1:3])  # after "== pope"
+    assert row[header.index("accuracy")] == "100.00%"  # the benchmark's accuracy, not "-"
+    assert row[header.index("yes/no F1")] == "1.000"

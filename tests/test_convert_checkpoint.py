@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -30,11 +31,11 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
+from llava_trim.configuration_llava_trim import parse_trim_ratio
 from llava_trim.convert_checkpoint import (
     build_parser,
     main,
     parse_size,
-    parse_trim_ratio,
     trim_ratio_from_source,
 )
 from llava_trim.tools.tiny_checkpoints import (
@@ -400,7 +401,7 @@ def test_trim_ratio_sources_and_flags():
         trim_ratio_from_source({"mm_vision_token_reduce_func": "Pooling:2"})
     assert parse_trim_ratio("none") is None and parse_trim_ratio("-1") == -1 and parse_trim_ratio("0.3") == 0.3
     for bad in ("0", "1.5", "-0.5", "half"):
-        with pytest.raises(Exception, match="expected|trim_ratio"):
+        with pytest.raises(ValueError, match="is not a trim_ratio"):
             parse_trim_ratio(bad)
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1024") == 1024
 
@@ -450,6 +451,33 @@ def test_help_explains_every_flag_with_an_example():
         [sys.executable, str(REPO_ROOT / "convert_checkpoint.py"), "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "--push-to-hub" in result.stdout
+    # every example command is one shell command: a line that goes on ends with a backslash
+    commands = " ".join(line.strip() for line in examples.splitlines() if not line.strip().startswith("#"))
+    assert "lmsys/vicuna-7b-v1.5 \\ --projector liuhaotian/" in commands
+    for command in commands.replace(" \\ ", " ").split("python convert_checkpoint.py")[1:]:
+        example = parser.parse_args(shlex.split(command))
+        assert example.output and (example.llava or example.language_model)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_start_up_is_one_line(tmp_path, signum):
+    """Interrupted while it imports torch and transformers (its first seconds), the converter says so in one line
+    (no traceback, no error from a half-imported module) and exits with 128 + the signal number."""
+    command = [sys.executable, "-X", "importtime", str(REPO_ROOT / "convert_checkpoint.py")]
+    command += ["--llava", "liuhaotian/llava-v1.5-7b", "--output", str(tmp_path / "out")]
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        for line in child.stderr:  # -X importtime: a line per module imported; wait until torch's are coming
+            if re.search(r"\|\s+torch\.", line):
+                break
+        child.send_signal(signum)
+        _, stderr = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 128 + signum
+    assert error_lines(stderr) == [f"error: interrupted by {signal.Signals(signum).name}: nothing was written."]
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------------------------------

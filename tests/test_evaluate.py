@@ -6,22 +6,15 @@ import pytest
 from PIL import Image, ImageDraw
 
 import llava_trim.tools.evaluate as evaluate_module
-from llava_trim.tools.evaluate import (
-    AnswerFile,
-    Setting,
-    build_prompt,
-    load_ground_truth,
-    load_model_and_processor,
-    load_questions,
-    main,
-    new_answer_id,
-    normalize_answer,
-    parse_setting,
-    parse_yes_no,
-    summarize_setting,
-    vqa_accuracy,
-    yes_no_metrics,
-)
+from llava_trim.tools.evaluate import main
+from llava_trim.tools.evaluation.answers import AnswerFile, Setting, new_answer_id
+from llava_trim.tools.evaluation.generation import build_prompt
+from llava_trim.tools.evaluation.questions import load_ground_truth, load_questions
+from llava_trim.tools.evaluation.scoring import summarize_setting, vqa_accuracy
+from llava_trim.tools.evaluation.tasks import normalize_vqa_answer as normalize_answer
+from llava_trim.tools.evaluation.tasks import pope_answer as parse_yes_no
+from llava_trim.tools.evaluation.tasks import pope_metrics as yes_no_metrics
+from llava_trim.tools.loading import load_model_and_processor
 
 ANSWER_KEYS = ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]  # LLaVA's order
 SHORT = "\nAnswer the question using a single word or phrase."
@@ -100,13 +93,13 @@ def test_yes_no_metrics_hand_checked():
 
 
 def test_parse_setting():
-    assert parse_setting("off") == Setting("off", None)
-    assert parse_setting("AUTO") == Setting("auto", -1)
-    assert parse_setting("0.10") == Setting("0.1", 0.1)
-    assert parse_setting("1") == Setting("1", 1.0)
+    assert Setting.from_text("off") == Setting("off", None)
+    assert Setting.from_text("AUTO") == Setting("auto", -1)
+    assert Setting.from_text("0.10") == Setting("0.1", 0.1)
+    assert Setting.from_text("1") == Setting("1", 1.0)
     for bad in ("0", "1.5", "-0.2", "half"):
-        with pytest.raises(ValueError, match="'off', 'auto' or a keep ratio"):
-            parse_setting(bad)
+        with pytest.raises(ValueError, match="'auto' \\(or -1\\), 'off' \\(or none\\) or a keep ratio"):
+            Setting.from_text(bad)
 
 
 def test_answer_ids_look_like_shortuuid():
@@ -457,3 +450,25 @@ def test_missing_or_broken_images_are_named(model_dir, dataset, tmp_path, capsys
     assert main(args) == 2
     error = capsys.readouterr().err
     assert "Cannot read the image" in error and "broken.png" in error and "question_id 8" in error
+
+
+def test_resuming_with_other_generation_options_is_refused(model_dir, dataset, tmp_path, capsys, monkeypatch):
+    """Answers of 3 new tokens are not kept for a run that asks for 5 (nor is the new limit put in summary.json)."""
+    _, questions = dataset
+    output = tmp_path / "other_options"
+    output.mkdir()
+    rows = [record(q["question_id"], q["text"], "Red", max_new_tokens=3, dtype="auto") for q in questions[:2]]
+    for row in rows:
+        row["model_id"] = model_dir.name
+    write_jsonl(output / "answers_auto.jsonl", rows)
+    monkeypatch.setattr(evaluate_module, "load_model_and_processor", lambda *a, **k: pytest.fail("model loaded"))
+    args = cli_args(model_dir, dataset, output, ["auto"])
+    args[args.index("--max-new-tokens") + 1] = "5"
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "answers generated with {'max_new_tokens': 3, 'dtype': 'auto'}, not with {'max_new_tokens': 5" in error
+    assert not (output / "summary.json").exists()
+    args += ["--dtype", "bfloat16"]
+    args[args.index("--max-new-tokens") + 1] = "3"
+    assert main(args) == 2
+    assert "'dtype': 'bfloat16'" in capsys.readouterr().err

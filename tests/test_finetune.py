@@ -16,10 +16,10 @@ from llava_trim.tools.finetune import (
     LlavaConversationDataset,
     LlavaTrimDataCollator,
     apply_lora,
-    build_parser,
     build_vicuna_v1_prompt,
     configure_trainable_parameters,
     load_preprocessing,
+    parse_args,
 )
 from llava_trim.tools.tiny import TINY_IMAGE_TOKEN_ID, TINY_LLAMA, tiny_model
 from llava_trim.tools.tiny_tokenizers import build_clip_image_processor, build_clip_tokenizer, build_llama_tokenizer
@@ -368,17 +368,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(dataset, collator):
 
 def test_preprocessing_from_separate_folders(preprocessing):
     dirs = preprocessing["dirs"]
-    args = build_parser().parse_args(
+    args = parse_args(
         ["--model", "unused", "--data", "d.json", "--output", "out", "--tokenizer", str(dirs["llama"])]
         + ["--clip-tokenizer", str(dirs["clip"]), "--image-processor", str(dirs["image_processor"])]
     )
-    processor, (tokenizer, clip_tokenizer, image_processor) = load_preprocessing(args)
+    processor, (tokenizer, clip_tokenizer, image_processor) = load_preprocessing(args, "unused")
     assert processor is None
     assert tokenizer.convert_tokens_to_ids("<image>") == TINY_IMAGE_TOKEN_ID
     assert clip_tokenizer.eos_token == "<|endoftext|>" and image_processor.crop_size["height"] == 336
-    args.image_processor = None
+    args.model.image_processor = None
     with pytest.raises(ValueError, match="all three"):
-        load_preprocessing(args)
+        load_preprocessing(args, "unused")
 
 
 def test_command_line_lora_run_reloads_through_auto_classes_in_a_fresh_process(

@@ -215,18 +215,15 @@ def test_deepspeed_configs_leave_the_recipe_to_the_trainer(name):
 
 
 def test_fsdp_config_loads_into_training_arguments():
-    from transformers import TrainingArguments
-
     from llava_trim.tools.finetune import parse_args
 
     common = ["--model", "m", "--data", "d.json", "--output", "o"]
-    args = parse_args(common + ["--fsdp", "full_shard"])
-    assert args.fsdp == str(CONFIGS / "fsdp_full_shard.json")
-    assert parse_args(common + ["--deepspeed", "zero3"]).deepspeed == str(CONFIGS / "deepspeed_zero3.json")
+    training_args = parse_args(common + ["--fsdp", "full_shard"]).training
+    assert training_args.fsdp
+    assert parse_args(common + ["--deepspeed", "zero3"]).training.deepspeed == str(CONFIGS / "deepspeed_zero3.json")
     with pytest.raises(SystemExit):
         parse_args(common + ["--deepspeed", "zero4"])  # neither a shipped name nor a file
-    training_args = TrainingArguments("out", fsdp=True, fsdp_config=args.fsdp, use_cpu=True, report_to="none")
-    config = training_args.fsdp_config
+    config = training_args.fsdp_config  # configs/fsdp_full_shard.json, loaded by TrainingArguments
     # the frozen CLIP towers and TRIM's scorer sit in the same wrapped units as trained weights only with
     # per-parameter sharding (FSDP 2) or `use_orig_params`
     assert config["version"] == 2 or config["use_orig_params"] is True

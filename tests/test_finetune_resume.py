@@ -37,7 +37,7 @@ def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_pat
 
     interrupted = train(_args(model_dir, data_dir, tmp_path / "resumed"), callbacks=[StopAfter(3)])
     assert interrupted.state.global_step == 3
-    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-3").is_dir()
+    assert (tmp_path / "resumed" / "checkpoint-3").is_dir()
     half_way = {name: tensor.clone() for name, tensor in interrupted.model.state_dict().items()}
 
     resumed = train(_args(model_dir, data_dir, tmp_path / "resumed", "--resume"))
@@ -53,5 +53,5 @@ def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_pat
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path, model_dir, data_dir):  # noqa: F811
-    with pytest.raises(FileNotFoundError, match="no checkpoint in .*run with --save-steps"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint-N folder in .*--save_steps N"):
         train(_args(model_dir, data_dir, tmp_path / "fresh", "--resume"))

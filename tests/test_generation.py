@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from test_modeling_llava_trim import PAD, batch, questions
-from transformers import DynamicCache, GenerationConfig
+from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -319,31 +319,6 @@ def first_turn(model):
     )
     turn2 = torch.cat([out.sequences, torch.tensor([text(3, seed=12)])], dim=1)
     return out, dict(input_ids=turn2, pixel_values=inputs["pixel_values"], trim_input_ids=trim_ids)
-
-
-@pytest.mark.parametrize("other", [-1, None, 0.5])
-def test_cache_from_another_ratio_is_refused(model, first_turn, other):
-    out, turn2 = first_turn
-    with pytest.raises(ValueError, match=rf"built with trim_ratio=0.25 but this call uses trim_ratio={other}"):
-        model.generate(**turn2, trim_ratio=other, past_key_values=out.cache, max_new_tokens=2)
-
-
-def test_cache_from_another_question_is_refused(model, first_turn):
-    out, turn2 = first_turn
-    other_question = questions(1, seed=99)[0]
-    with pytest.raises(ValueError, match=r"TRIM now keeps different tokens of image\(s\) \[0\]"):
-        model.generate(
-            **{**turn2, "trim_input_ids": other_question}, trim_ratio=0.25, past_key_values=out.cache, max_new_tokens=2
-        )
-
-
-def test_cache_without_a_selection_record_is_refused(model, first_turn):
-    out, turn2 = first_turn
-    foreign = DynamicCache()
-    for layer, cached in enumerate(out.cache.layers):
-        foreign.update(cached.keys, cached.values, layer)
-    with pytest.raises(ValueError, match="does not say which image tokens TRIM kept"):
-        model.generate(**turn2, trim_ratio=0.25, past_key_values=foreign, max_new_tokens=2)
 
 
 def test_threads_sharing_the_model_keep_their_own_ratio(model, one):

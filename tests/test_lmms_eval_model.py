@@ -96,7 +96,7 @@ def test_model_args_are_checked_before_loading():
 
     with pytest.raises(ValueError, match="Unknown model_args for llava_trim: trim_raito"):
         LlavaTrim.create_from_arg_string("pretrained=nowhere,trim_raito=0.5")
-    with pytest.raises(ValueError, match="not a TRIM setting"):
+    with pytest.raises(ValueError, match="'2' is not a trim_ratio"):
         LlavaTrim.create_from_arg_string("pretrained=nowhere,trim_ratio=2")
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         LlavaTrim.create_from_arg_string("pretrained=nowhere,batch_size=0", {"batch_size": 1, "device": None})

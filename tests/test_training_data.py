@@ -148,11 +148,16 @@ def test_bad_samples_are_skipped_counted_and_the_run_goes_on(tmp_path, mixed_qua
     trainer = LlavaTrimTrainer(model=model, args=args, train_dataset=dataset, data_collator=SkipBadSamples(short))
     with caplog.at_level(logging.WARNING, logger="llava_trim.tools.training_data"):
         trainer.train()
-    counts = [entry["skipped_samples"] for entry in trainer.state.log_history if "skipped_samples" in entry]
-    # sequential batches: [good, missing] [good, corrupt] [unanswered, good] [too long, good] [not a record]
-    assert counts == [1, 2, 3, 4, 5]
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert all(loss == loss for loss in losses[:4]) and losses[4] == 0  # the all-bad batch adds nothing
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    # sequential batches: [good, missing] [good, corrupt] [unanswered, good] [too long, good] [not a record]: the
+    # last one has nothing to learn from, so it is no step (no loss of 0 in the log, no step in the count)
+    assert [entry["skipped_samples"] for entry in steps] == [1, 2, 3, 4]
+    assert trainer.state.global_step == 4 and trainer.skipped_steps == 1 and trainer.skipped_samples == 5
+    losses = [entry["loss"] for entry in steps]
+    assert all(loss > 0 for loss in losses)
+    (summary,) = [entry for entry in trainer.state.log_history if "train_loss" in entry]
+    assert summary["train_loss"] == pytest.approx(sum(losses) / 4, rel=1e-6)  # the mean of the real steps
+    assert summary["skipped_samples"] == 5
     skipped = " ".join(record.getMessage() for record in caplog.records)
     for reason in ("not found", "cannot be read", "no answer", "cuts its image", "no `conversations`"):
         assert reason in skipped, reason

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from llava_trim.processing_llava_trim import single_turn_messages
-from llava_trim.tools.evaluate import load_model_and_processor
+from llava_trim.tools.loading import load_model_and_processor
 from llava_trim.tools.visualize import (
     PRUNED_OPACITY,
     draw_kept_patches,
@@ -176,38 +176,45 @@ def test_cli_marks_the_patches_the_model_keeps(model_dir, tmp_path, capsys):
     assert 0 < counts[0] < 576 and counts[1:] == [57, 576]
 
 
-def test_cli_single_ratio_and_bad_input(model_dir, tmp_path):
+def test_cli_single_ratio_and_bad_input(model_dir, tmp_path, capsys):
     image_path = tmp_path / "photo.png"
     drawn_photo((200, 200)).save(image_path)
     output = tmp_path / "auto.png"
     assert main(["--model", str(model_dir), "--image", str(image_path), "--question", "Is it blue?"]
                 + ["--output", str(output), "--device", "cpu"]) == 0  # fmt: skip
     assert Image.open(output).width == 672  # one panel at scale 2
-    with pytest.raises(SystemExit, match="--ratios"):
+    with pytest.raises(SystemExit):
         main(["--model", str(model_dir), "--image", str(image_path), "--question", "q", "--ratios", "1.5"])
+    assert "argument --ratios: '1.5' is not a trim_ratio" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no such file"):
         main(["--model", str(model_dir), "--image", str(tmp_path / "missing.png"), "--question", "q"])
 
 
-@pytest.mark.parametrize("problem", ["corrupt image", "missing model"])
+@pytest.mark.parametrize("problem", ["corrupt image", "missing model", "text output"])
 def test_cli_bad_input_is_one_line_without_traceback(model_dir, tmp_path, problem):
     image_path = tmp_path / "photo.png"
-    model = str(model_dir)
+    model, output = str(model_dir), tmp_path / ("out.txt" if problem == "text output" else "out.png")
     if problem == "corrupt image":
         image_path.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     else:
         drawn_photo((40, 40)).save(image_path)
+    if problem == "missing model":
         model = str(tmp_path / "no-such-model")
     completed = subprocess.run(
         [sys.executable, "-m", "llava_trim.tools.visualize", "--model", model, "--image", str(image_path)]
-        + ["--question", "q", "--output", str(tmp_path / "out.png"), "--device", "cpu"],
+        + ["--question", "q", "--output", str(output), "--device", "cpu"],
         capture_output=True,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         timeout=300,
     )
     assert completed.returncode != 0 and "Traceback" not in completed.stderr
+    assert not output.exists()
     message = completed.stderr.strip().splitlines()
+    if problem == "text output":  # refused with argparse's usage line before anything is loaded
+        assert message[-1].endswith(
+            "--output " + str(output) + ": Pillow cannot write .txt files; name a .png file such as kept.png"
+        ), completed.stderr
+        return
     assert len(message) == 1, completed.stderr
     assert message[0].startswith("--image:" if problem == "corrupt image" else "--model:")
-    assert not (tmp_path / "out.png").exists()

@@ -25,8 +25,8 @@ text, heatmap_path, kept = client.predict(handle_file("bus.jpg"), "What is the c
 """
 
 import argparse
-import math
 import os
+import queue
 import statistics
 import tempfile
 import threading
@@ -39,6 +39,8 @@ import gradio as gr
 import torch
 from PIL import Image
 
+from ..configuration_llava_trim import parse_trim_ratio
+from ..processing_llava_trim import MAX_IMAGE_PIXELS, bounded_pad_and_resize, load_image
 from .loading import load_model_and_processor
 from .visualize import draw_kept_patches, pixel_values_to_image
 
@@ -48,26 +50,19 @@ MODE_RATIO = "Keep ratio"
 MODE_OFF = "Off"
 PREFILL_REPEATS = 3
 
+# The page's limits (README, "The Gradio page"). Each is refused with a message on the page, and with an error through
+# the `answer` endpoint; images over `MAX_IMAGE_PIXELS` (the processor's) are refused from their header.
+MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # Gradio refuses a larger upload before it is stored
+MAX_QUESTION_CHARS = 2000  # about 500 tokens: a question, not a document
+MAX_TURNS = 20  # questions in one conversation (its one image, each answer and each question stay in the prompt)
+MAX_NEW_TOKENS = 1024  # the most `--max-new-tokens` may be
+ANSWER_SECONDS = 120.0  # generation stops after this long (transformers' `max_time`); the answer so far is returned
+MAX_QUEUE = 16  # requests waiting for the model (one runs at a time); Gradio refuses more with "queue is full"
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # TRIM modes
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def parse_mode(mode: str) -> float | None:
-    """`"auto"` -> `-1`, `"off"` -> `None`, `"0.25"` -> `0.25` (a keep ratio in (0, 1]); anything else is refused."""
-    text = str(mode).strip().lower()
-    if text in ("auto", "-1"):
-        return -1
-    if text in ("off", "none"):
-        return None
-    try:
-        ratio = float(text)
-    except ValueError:
-        ratio = math.nan
-    if not 0 < ratio <= 1:
-        raise ValueError(f"TRIM mode {mode!r} is not valid: use 'auto', 'off' or a keep ratio in (0, 1] such as 0.25.")
-    return ratio
 
 
 def mode_from_controls(choice: str, ratio: float) -> str:
@@ -93,19 +88,45 @@ def mode_label(trim_ratio: float | None) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def read_image(path: str | Path | None) -> Image.Image:
-    """Open an uploaded image fully, or raise `gr.Error` with a message for the page."""
+def read_image(path: str | Path | None, image_processor=None) -> Image.Image:
+    """
+    Decode an uploaded image as the processor does ([`load_image`]: its pixel limit from the header, the first frame
+    of an animation), or raise `gr.Error` with a message for the page. With `image_processor`, an image whose square
+    canvas is large comes back already padded and resized ([`bounded_pad_and_resize`]), whatever processor code the
+    model's folder carries.
+    """
     if path is None:
         raise gr.Error("Upload an image (or pick an example) first.")
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            return opened.copy()
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        reason = "too large" if isinstance(error, Image.DecompressionBombError) else "not a picture Pillow can read"
+        image = load_image(Path(path))
+    except ValueError as error:
         raise gr.Error(
-            f"Could not open '{Path(path).name}' as an image ({reason}). Upload a PNG, JPEG, WebP or GIF picture."
+            f"Could not open '{Path(path).name}' as an image: {error} Upload a PNG, JPEG, WebP or GIF picture of at "
+            f"most {MAX_IMAGE_PIXELS:,} pixels."
         ) from None
+    return bounded_pad_and_resize(image, image_processor) if image_processor is not None else image
+
+
+def check_turns(messages: Sequence[dict]) -> None:
+    """`gr.Error` when the conversation already holds `MAX_TURNS` questions."""
+    if sum(message["role"] == "user" for message in messages) >= MAX_TURNS:
+        raise gr.Error(
+            f"This conversation has reached the page's limit of {MAX_TURNS} questions: press 'New conversation' to "
+            "go on."
+        )
+
+
+def check_question(question: str | None) -> str:
+    """The question without surrounding spaces; `gr.Error` when it is empty or over `MAX_QUESTION_CHARS`."""
+    question = (question or "").strip()
+    if not question:
+        raise gr.Error("The question is empty: type a question about the image.")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise gr.Error(
+            f"The question is {len(question):,} characters long, over the page's limit of {MAX_QUESTION_CHARS:,}: "
+            "shorten it."
+        )
+    return question
 
 
 def user_turn(question: str, image: Image.Image | None) -> dict:
@@ -168,7 +189,10 @@ class TrimChat:
         from transformers import TextIteratorStreamer
 
         tokenizer = self.processor.tokenizer
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        # a token at least every `ANSWER_SECONDS` (generation itself stops after that long): never a hung request
+        streamer = TextIteratorStreamer(
+            tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=ANSWER_SECONDS + 60
+        )
         failure: list[BaseException] = []
 
         def generate() -> None:
@@ -178,6 +202,7 @@ class TrimChat:
                         **reply.inputs,
                         trim_ratio=reply.trim_ratio,
                         max_new_tokens=self.max_new_tokens,
+                        max_time=ANSWER_SECONDS,
                         do_sample=False,
                         pad_token_id=tokenizer.pad_token_id,
                         streamer=streamer,
@@ -189,9 +214,12 @@ class TrimChat:
         thread = threading.Thread(target=generate, daemon=True)
         thread.start()
         text = ""
-        for piece in streamer:
-            text += piece
-            yield text
+        try:
+            for piece in streamer:
+                text += piece
+                yield text
+        except queue.Empty:
+            raise gr.Error(f"No answer within {ANSWER_SECONDS + 60:g} seconds: try again later.") from None
         thread.join()
         if failure:
             raise gr.Error(f"Generation failed: {failure[0]}")
@@ -273,14 +301,16 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
     def start_turn(image_upload, question, choice, ratio, messages, conversation_image):
         """The chat with the new question, and its prepared reply; `gr.Error` for what the user must fix."""
         image_path = uploaded_path(image_upload)
-        question = (question or "").strip()
-        if not question:
+        if not (question or "").strip():
             raise gr.Error("Type a question about the image first.")
+        question = check_question(question)
         if image_path is None:
             raise gr.Error("Upload an image (or pick an example) first.")
-        trim_ratio = parse_mode(mode_from_controls(choice, ratio))
+        trim_ratio = parse_trim_ratio(mode_from_controls(choice, ratio))
         new_image = image_path != conversation_image or not messages
-        image = read_image(image_path) if new_image else None
+        if not new_image:
+            check_turns(messages)
+        image = read_image(image_path, chat.processor.image_processor) if new_image else None
         history = [] if new_image else list(messages)
         history.append(user_turn(question, image))
         try:
@@ -315,7 +345,7 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
         if not prompt:
             gr.Warning("Ask a question first: the prefill is timed on its prompt.")
             return gr.skip()
-        trim_ratio = parse_mode(mode_from_controls(choice, ratio))
+        trim_ratio = parse_trim_ratio(mode_from_controls(choice, ratio))
         inputs = chat.prepare(prompt, trim_ratio).inputs
         device = chat.model.device.type
         off_ms, off_positions = chat.prefill_ms(inputs, None)
@@ -336,15 +366,16 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
     def answer(image_upload, question: str, mode: str):
         """One question about one image: (answer text, heatmap, number of kept patches)."""
         image_path = uploaded_path(image_upload)
-        question = (question or "").strip()
-        if not question:
-            raise gr.Error("The question is empty: pass a question about the image.")
+        question = check_question(question)
         try:
-            trim_ratio = parse_mode(mode)
+            trim_ratio = parse_trim_ratio(mode)
         except ValueError as error:
             raise gr.Error(str(error)) from None
-        image = read_image(image_path)
-        reply = chat.prepare([user_turn(question, image)], trim_ratio)
+        image = read_image(image_path, chat.processor.image_processor)
+        try:
+            reply = chat.prepare([user_turn(question, image)], trim_ratio)
+        except ValueError as error:  # e.g. a prompt longer than the model accepts
+            raise gr.Error(str(error)) from None
         text = ""
         for partial in chat.stream(reply):
             text = partial
@@ -453,7 +484,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="Port (default 7860)."
     )
     parser.add_argument("--title", default=None, help="Page title (default: LLaVA-TRIM and the model's name).")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="Longest answer in tokens (default 256).")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        help=f"Longest answer in tokens (default 256, at most {MAX_NEW_TOKENS}).",
+    )
     parser.add_argument("--device", default="auto", help="'auto' (GPU if available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     return parser.parse_args(argv)
@@ -462,8 +498,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point: load the model once, start the page with Gradio's queue; see `--help`."""
     args = parse_args(argv)
-    if args.max_new_tokens < 1:
-        raise SystemExit(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise SystemExit(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS}, got {args.max_new_tokens}.")
     try:
         model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
     except OSError as error:  # not a folder, not on the Hub, or offline
@@ -477,9 +513,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> gr.Blocks:
-    """Serve `demo` with Gradio's queue (one request on the model at a time, the others wait their turn)."""
-    demo.queue(default_concurrency_limit=1).launch(
-        server_name=host, server_port=port, theme=THEME, css=CSS, prevent_thread_lock=not block, quiet=not block
+    """
+    Serve `demo` with Gradio's queue: one request on the model at a time, up to `MAX_QUEUE` others waiting their turn
+    in order (more are refused at once with "queue is full"), uploads over `MAX_UPLOAD_BYTES` refused.
+    """
+    demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUE).launch(
+        server_name=host,
+        server_port=port,
+        theme=THEME,
+        css=CSS,
+        prevent_thread_lock=not block,
+        quiet=not block,
+        max_file_size=MAX_UPLOAD_BYTES,
     )
     return demo
 

@@ -165,9 +165,12 @@ def run_converted(model_dir: Path, question: str = QUESTION, repeats: int = 5) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Offline demo: build a tiny LLaVA-1.5 checkpoint, convert it, run the pipeline with TRIM.",
-        epilog="Example: python -m llava_trim.tools.demo --keep ./demo-output",
+    from .cli import command_parser
+
+    parser = command_parser(
+        "python -m llava_trim.tools.demo",
+        "Offline demo: build a tiny LLaVA-1.5 checkpoint, convert it, run the pipeline with TRIM.",
+        "python -m llava_trim.tools.demo --keep ./demo-output",
     )
     parser.add_argument("--keep", type=Path, default=None, help="Folder to build in and keep (e.g. ./demo-output).")
     parser.add_argument("--question", default=QUESTION, help=f"Question about the image (e.g. {QUESTION!r}).")

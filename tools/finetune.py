@@ -11,20 +11,13 @@ Data is LLaVA's conversation JSON (a list of records, or one record per line):
 
 Reading order: the prompt ([`build_vicuna_v1_prompt`]), the collator ([`LlavaTrimDataCollator`]: prompt -> token
 ids, labels, pixels and TRIM's question), what is trained ([`configure_trainable_parameters`], [`apply_lora`]), the
-Trainer ([`LlavaTrimTrainer`]), then the command line ([`parse_args`], [`train`]). The dataset, bad-sample skipping and
-modality grouping are in `training_data`, the `--recipe` presets and DeepSpeed/FSDP configs in `recipes`.
-
-```bash
-python -m llava_trim.tools.finetune --model llava-v1.5-7b-trim --data llava_v1_5_mix665k.json \
-    --image-folder data/ --output llava-trim-ft --lora --bf16 --gradient-checkpointing
-# the TRIM paper's recipe on 8 GPUs
-torchrun --nproc_per_node 8 -m llava_trim.tools.finetune --recipe llava-v1.5 --deepspeed zero3 \
-    --model llava-v1.5-7b-trim-init --data llava_v1_5_mix665k.json --image-folder data/ --output llava-trim-ft
-```
+Trainer ([`LlavaTrimTrainer`]), then the command line ([`train`]; its flags, LLaVA's `train.py` ones parsed by
+`HfArgumentParser`, are in `finetune_args`). The dataset, bad-sample skipping and modality grouping are in
+`training_data`, the `--recipe` presets and DeepSpeed/FSDP configs in `recipes`. See `--help` for examples.
 """
 
-import argparse
-import os
+import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +27,16 @@ import torch
 from transformers import Trainer
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from ..configuration_llava_trim import check_trim_ratio
 from ..processing_llava_trim import (
     LLAVA_V1_SYSTEM,
     VICUNA_V1_CHAT_TEMPLATE,
     VICUNA_V1_SYSTEM,
     LlavaTrimProcessor,
 )
-from .recipes import DEEPSPEED_CONFIGS, FSDP_CONFIGS, RECIPES, config_path
-from .training_data import LlavaConversationDataset, ModalityGroupedSampler, SkipBadSamples
+from .finetune_args import FinetuneArguments, build_parser, parse_args, world_size
+from .training_data import BadSampleError, LlavaConversationDataset, ModalityGroupedSampler, SkipBadSamples
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
@@ -324,209 +318,25 @@ def apply_lora(model, r: int = 128, alpha: int = 256, dropout: float = 0.05, tra
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Command line
+# Trainer
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _parse_trim_ratio(value: str) -> float | str | None:
-    """`--trim-ratio`: 'config' (keep the model's), 'none'/'off', or a number (validated by the model's config)."""
-    if value.lower() == "config":
-        return "config"
-    if value.lower() in ("none", "off"):
-        return None
-    return float(value)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m llava_trim.tools.finetune",
-        description="Fine-tune a LLaVA-TRIM model on LLaVA conversation data with transformers.Trainer. Run it "
-        "with torchrun or accelerate launch for several processes or machines.",
-    )
-    parser.add_argument(
-        "--recipe",
-        choices=sorted(RECIPES),
-        default=None,
-        help="Preset hyperparameters: 'llava-v1.5' is LLaVA-1.5's fine-tuning stage as the TRIM paper trains it "
-        "(every other flag given still wins).",
-    )
-    parser.add_argument("--model", required=True, help="Model folder or Hub id (a converted LLaVA-TRIM repository).")
-    parser.add_argument("--data", required=True, help="LLaVA conversation JSON (list of records, or JSON lines).")
-    parser.add_argument("--image-folder", default=None, help="Folder the records' image paths are relative to.")
-    parser.add_argument("--output", required=True, help="Where to write the fine-tuned model and processor.")
-    parser.add_argument("--lora", action="store_true", help="Train LoRA adapters (and the projector) instead.")
-    parser.add_argument("--lora-r", type=int, default=128)
-    parser.add_argument("--lora-alpha", type=int, default=256)
-    parser.add_argument("--lora-dropout", type=float, default=0.05)
-    parser.add_argument("--freeze-language-model", action="store_true", help="Train the projector only.")
-    flag = argparse.BooleanOptionalAction
-    parser.add_argument("--bf16", action=flag, default=False, help="bfloat16 mixed precision.")
-    parser.add_argument("--tf32", action=flag, default=None, help="TF32 matmuls (Ampere or newer NVIDIA GPUs).")
-    parser.add_argument("--gradient-checkpointing", action=flag, default=False)
-    parser.add_argument(
-        "--trim-ratio",
-        type=_parse_trim_ratio,
-        default="config",
-        help="TRIM mode while training, saved in the model's config: -1 (automatic), a fraction, or 'none' "
-        "(default: the model's config).",
-    )
-    parser.add_argument("--trim-question", choices=("first", "last"), default="first")
-    parser.add_argument("--system-prompt", default=VICUNA_V1_SYSTEM)
-    parser.add_argument("--pad-to-square", action=flag, default=True, help="Pad images to a square (LLaVA's 'pad').")
-    parser.add_argument("--max-length", type=int, default=2048, help="Token limit, image tokens counted.")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--max-steps", type=int, default=-1)
-    parser.add_argument("--batch-size", type=int, default=4, help="Per device.")
-    parser.add_argument(
-        "--gradient-accumulation-steps", type=int, default=None, help="Default: from --global-batch-size, or 1."
-    )
-    parser.add_argument(
-        "--global-batch-size",
-        type=int,
-        default=None,
-        help="Samples per optimiser step over all processes: sets the accumulation to GLOBAL / (batch size x "
-        "processes), so a recipe keeps its batch on any number of GPUs.",
-    )
-    parser.add_argument("--learning-rate", type=float, default=None, help="Default: 2e-5, or 2e-4 with --lora.")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--warmup-ratio", type=float, default=0.03)
-    parser.add_argument("--lr-scheduler", default="cosine")
-    parser.add_argument(
-        "--group-by-modality-length",
-        action=flag,
-        default=False,
-        help="Batch text-only samples apart from image samples, similar lengths together (LLaVA's option).",
-    )
-    parser.add_argument(
-        "--skip-bad-samples",
-        action=flag,
-        default=True,
-        help="Skip (and count in the log) samples with a missing or unreadable image, no answer, or a prompt over "
-        "--max-length with its image; --no-skip-bad-samples stops at the first one instead.",
-    )
-    parser.add_argument("--logging-steps", type=int, default=10)
-    parser.add_argument("--save-steps", type=int, default=0, help="Also save a checkpoint every N steps (0: never).")
-    parser.add_argument("--save-total-limit", type=int, default=None, help="Keep only the last N checkpoints.")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=None,
-        metavar="CHECKPOINT",
-        help="Continue from the last checkpoint in OUTPUT/checkpoints (or from the CHECKPOINT folder given).",
-    )
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--num-workers", type=int, default=0, help="Data loader worker processes.")
-    parser.add_argument("--attn-implementation", default=None, help="'sdpa' (default), 'eager', 'flash_attention_2'.")
-    parser.add_argument(
-        "--deepspeed",
-        default=None,
-        help=f"DeepSpeed config: {' or '.join(DEEPSPEED_CONFIGS)} (shipped in configs/) or a JSON file.",
-    )
-    parser.add_argument(
-        "--fsdp",
-        default=None,
-        help=f"Fully sharded data parallel with this FSDP config: {' or '.join(FSDP_CONFIGS)} (shipped in configs/) "
-        "or a JSON file of the Trainer's `fsdp_config`.",
-    )
-    parser.add_argument("--tokenizer", default=None, help="Llama tokenizer folder, when --model has no processor.")
-    parser.add_argument("--clip-tokenizer", default=None, help="CLIP tokenizer folder, when --model has no processor.")
-    parser.add_argument("--image-processor", default=None, help="CLIP image processor folder, likewise.")
-    return parser
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line, `--recipe` presets first: flags given explicitly override the recipe."""
-    parser = build_parser()
-    recipe = argparse.ArgumentParser(add_help=False)
-    recipe.add_argument("--recipe", choices=sorted(RECIPES), default=None)
-    known, _ = recipe.parse_known_args(argv)
-    if known.recipe is not None:
-        parser.set_defaults(**RECIPES[known.recipe])
-    args = parser.parse_args(argv)
-    if args.trim_ratio != "config":
-        try:
-            check_trim_ratio(args.trim_ratio)
-        except ValueError as error:
-            parser.error(str(error))
-    try:
-        args.gradient_accumulation_steps = gradient_accumulation_steps(args, world_size())
-        if args.deepspeed is not None:
-            args.deepspeed = config_path(args.deepspeed, DEEPSPEED_CONFIGS)
-        if args.fsdp is not None:
-            args.fsdp = config_path(args.fsdp, FSDP_CONFIGS)
-    except ValueError as error:
-        parser.error(str(error))
-    if args.deepspeed is not None and args.fsdp is not None:
-        parser.error("Use one of --deepspeed and --fsdp.")
-    if args.lora and (args.deepspeed is not None or args.fsdp is not None):
-        parser.error(
-            "--lora with --deepspeed or --fsdp is not supported by this tool (the adapter is merged on one process): "
-            "train LoRA with plain data parallelism (torchrun / accelerate launch without them)."
-        )
-    return args
-
-
-def world_size() -> int:
-    """The number of training processes, as torchrun and accelerate launch announce it (`WORLD_SIZE`)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def gradient_accumulation_steps(args: argparse.Namespace, processes: int) -> int:
-    """The accumulation that gives `--global-batch-size` samples per step (or `--gradient-accumulation-steps`)."""
-    if args.global_batch_size is None:
-        return args.gradient_accumulation_steps or 1
-    per_step = args.batch_size * processes
-    steps, remainder = divmod(args.global_batch_size, per_step)
-    if remainder or steps == 0:
-        raise ValueError(
-            f"--global-batch-size {args.global_batch_size} is not a multiple of --batch-size {args.batch_size} x "
-            f"{processes} process(es): change one of them."
-        )
-    if args.gradient_accumulation_steps not in (None, steps):
-        raise ValueError(
-            f"--gradient-accumulation-steps {args.gradient_accumulation_steps} with --batch-size {args.batch_size} on "
-            f"{processes} process(es) does not give --global-batch-size {args.global_batch_size} (that needs "
-            f"{steps}): drop one of the two."
-        )
-    return steps
-
-
-def _accelerator_available() -> bool:
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-
-
-def load_preprocessing(args: argparse.Namespace):
-    """The processor saved with the model, or the three pieces named on the command line: `(processor, pieces)`."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-
-    pieces = (args.tokenizer, args.clip_tokenizer, args.image_processor)
-    if all(pieces):
-        return None, (
-            AutoTokenizer.from_pretrained(args.tokenizer),
-            AutoTokenizer.from_pretrained(args.clip_tokenizer),
-            AutoImageProcessor.from_pretrained(args.image_processor),
-        )
-    if any(pieces):
-        raise ValueError("Pass all three of --tokenizer, --clip-tokenizer and --image-processor, or none of them.")
-    try:
-        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"Could not load the processor of {args.model} ({error}). Point --tokenizer, --clip-tokenizer and "
-            "--image-processor at the preprocessing folders instead."
-        ) from error
-    return processor, (processor.tokenizer, processor.clip_tokenizer, processor.image_processor)
-
-
 class LlavaTrimTrainer(Trainer):
-    """`Trainer` with LLaVA's `group_by_modality_length` and the count of skipped bad samples in its logs."""
+    """`Trainer` with LLaVA's `group_by_modality_length` and bad samples left out of the steps.
+
+    A batch holding bad samples trains on its good rows ([`SkipBadSamples`]); an optimiser step whose batches have no
+    supervised token on any process (every sample skipped) is not taken: it adds nothing to the loss, the step count,
+    the learning-rate schedule or the optimiser state. `skipped_samples` (summed over the processes) is in every
+    training log. With gradient accumulation, the last accumulation group of an epoch that had such a step is not
+    applied (the Trainer's loop counts micro-batches), so keep the data's bad samples rare there.
+    """
 
     def __init__(self, *args, group_by_modality_length: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.group_by_modality_length = group_by_modality_length
         self.skipped_samples = 0  # on this process
+        self.skipped_steps = 0
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -541,83 +351,212 @@ class LlavaTrimTrainer(Trainer):
         group_size = args.train_batch_size * args.world_size * args.gradient_accumulation_steps
         return ModalityGroupedSampler(lengths, group_size, seed=args.data_seed or args.seed)
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        self.skipped_samples += int(inputs.pop("num_skipped_samples", 0))
-        return super().compute_loss(model, inputs, *args, **kwargs)
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of the next optimiser step, leaving out steps with nothing to learn from."""
+        while True:
+            batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+            self.skipped_samples += sum(int(batch.pop("num_skipped_samples", 0)) for batch in batches)
+            if not batches or "labels" not in batches[0]:
+                return batches, num_items_in_batch
+            supervised = torch.tensor(sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in batches))
+            if self.args.world_size > 1:  # every process takes the same decision
+                supervised = self.accelerator.reduce(supervised.to(self.args.device), reduction="sum")
+            if int(supervised) > 0:
+                return batches, num_items_in_batch
+            self.skipped_steps += 1
+            logger.warning("every sample of an optimiser step was skipped: the step is not taken")
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs:  # a training log: every process is here, so the count is summed over them
+        if "loss" in logs or "train_loss" in logs:  # a training log: every process is here, so the count is summed
             count = torch.tensor(self.skipped_samples, device=self.args.device)
             logs["skipped_samples"] = int(self.accelerator.reduce(count, reduction="sum"))
         super().log(logs, *args, **kwargs)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line: LLaVA's train.py flags (see `finetune_args`)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_architecture_flags(args: FinetuneArguments, config) -> None:
+    """Refuse, in one sentence, LLaVA flags that contradict the model (`config`); accept those that describe it."""
+    flags = args.model
+    if flags.version not in ("v1", "vicuna_v1"):
+        raise ValueError(
+            f"--version {flags.version}: this tool trains LLaVA-1.5's second stage with its vicuna_v1 template "
+            "(--version v1)."
+        )
+    if flags.mm_use_im_start_end or flags.mm_use_im_patch_token:
+        raise ValueError(
+            "--mm_use_im_start_end / --mm_use_im_patch_token True: LLaVA-1.5 (and this model) has no such tokens; "
+            "pass False."
+        )
+    activation = getattr(config, "projector_hidden_act", None)
+    if flags.mm_projector_type is not None and flags.mm_projector_type != f"mlp2x_{activation}":
+        raise ValueError(
+            f"--mm_projector_type {flags.mm_projector_type}: the model's projector is mlp2x_{activation}."
+        )
+    if flags.mm_vision_select_layer is not None and flags.mm_vision_select_layer != config.vision_feature_layer:
+        raise ValueError(
+            f"--mm_vision_select_layer {flags.mm_vision_select_layer}: the model reads the vision tower's layer "
+            f"{config.vision_feature_layer}."
+        )
+    feature = {"default": "patch", "full": "cls_patch"}.get(config.vision_feature_select_strategy)
+    if flags.mm_vision_select_feature is not None and flags.mm_vision_select_feature != feature:
+        raise ValueError(f"--mm_vision_select_feature {flags.mm_vision_select_feature}: the model uses {feature}.")
+    if flags.mm_vision_token_reduce_func is not None:
+        wanted = args.trim.ratio if args.trim.trim_ratio is not None else config.trim_ratio
+        if reduce_func_ratio(flags.mm_vision_token_reduce_func) != wanted:
+            raise ValueError(
+                f"--mm_vision_token_reduce_func {flags.mm_vision_token_reduce_func} contradicts the trim_ratio "
+                f"{wanted} the model trains with: pass --trim_ratio to choose another one."
+            )
+
+
+def reduce_func_ratio(value: str) -> float | None:
+    """The `trim_ratio` of LLaVA-TRIM's `--mm_vision_token_reduce_func` (`"TRIM:-1"`, `"TextSim+:0.25"`)."""
+    from ..conversion.sources import trim_ratio_from_source
+
+    return trim_ratio_from_source({"mm_vision_token_reduce_func": value})
+
+
+def build_stage2_start(args: FinetuneArguments) -> Path:
+    """LLaVA-1.5's stage-2 start (Vicuna + CLIP + the pretrained projector) as a LLaVA-TRIM folder, written by the
+    converter (`convert_checkpoint.py`) beside `--output_dir` (`<output_dir>-stage2-start`) by the first process, and
+    reused when it is already there (a resumed run)."""
+    from ..convert_checkpoint import build_parser as converter_parser
+    from ..convert_checkpoint import convert
+
+    flags = args.model
+    if not (flags.vision_tower and flags.pretrain_mm_mlp_adapter):
+        raise ValueError(
+            "--vision_tower and --pretrain_mm_mlp_adapter go together with a Llama --model_name_or_path (LLaVA-1.5's "
+            "stage-2 start); a converted LLaVA-TRIM folder needs neither."
+        )
+    projector = Path(flags.pretrain_mm_mlp_adapter)
+    projector = projector.parent if projector.name == "mm_projector.bin" else projector
+    folder = Path(str(args.training.output_dir).rstrip("/") + "-stage2-start")
+    command = ["--language-model", flags.model_name_or_path, "--projector", str(projector)]
+    command += ["--clip", flags.vision_tower, "--output", str(folder)]
+    if args.trim.trim_ratio is not None or flags.mm_vision_token_reduce_func is not None:
+        ratio = (
+            args.trim.ratio
+            if args.trim.trim_ratio is not None
+            else reduce_func_ratio(flags.mm_vision_token_reduce_func)
+        )
+        command += ["--trim-ratio", "none" if ratio is None else str(ratio)]
+    with args.training.main_process_first(local=False, desc="building the stage-2 start"):
+        if not (folder / "config.json").is_file():
+            from ..conversion import ConversionError
+
+            try:
+                convert(converter_parser().parse_args(command))
+            except ConversionError as error:
+                raise ValueError(f"Building the stage-2 start failed: {error}") from None
+    return folder
+
+
+def load_preprocessing(args: FinetuneArguments, model_path: str | Path):
+    """The processor saved with the model, or the three pieces named on the command line: `(processor, pieces)`."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    flags = args.model
+    pieces = (flags.tokenizer, flags.clip_tokenizer, flags.image_processor)
+    if all(pieces):
+        return None, (
+            AutoTokenizer.from_pretrained(flags.tokenizer),
+            AutoTokenizer.from_pretrained(flags.clip_tokenizer),
+            AutoImageProcessor.from_pretrained(flags.image_processor),
+        )
+    if any(pieces):
+        raise ValueError("Pass all three of --tokenizer, --clip_tokenizer and --image_processor, or none of them.")
+    try:
+        processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Could not load the processor of {model_path} ({error}). Point --tokenizer, --clip_tokenizer and "
+            "--image_processor at the preprocessing folders instead."
+        ) from error
+    return processor, (processor.tokenizer, processor.clip_tokenizer, processor.image_processor)
+
+
 def main(argv: Sequence[str] | None = None):
-    """Run fine-tuning from the command line (`python -m llava_trim.tools.finetune --help`); returns the Trainer."""
-    return train(parse_args(argv))
+    """Run fine-tuning from the command line (`python -m llava_trim.tools.finetune --help`); returns the Trainer.
+
+    A refused or failed run ends with one line on stderr (exit status 1), writes no model, and leaves no empty
+    output folder behind."""
+    args = parse_args(argv)
+    output = Path(args.training.output_dir)
+    existed = output.exists()
+    try:
+        return train(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        if not existed:
+            _remove_empty_folders(output)
+        raise SystemExit(f"error: {_one_line(error)}") from None
 
 
-def train(args: argparse.Namespace, callbacks: Sequence | None = None):
+def _one_line(error: Exception) -> str:
+    """An error's message on one line; for one raised in a data loader worker, the worker's own message."""
+    message = str(error)
+    if "Original Traceback" in message:  # torch re-raises a worker's error with the worker's traceback as message
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(message.split())
+
+
+def _remove_empty_folders(folder: Path) -> None:
+    """Remove `folder` if it (and every folder inside) holds no file."""
+    if folder.is_dir() and not any(path.is_file() for path in folder.rglob("*")):
+        shutil.rmtree(folder)
+
+
+def train(args: FinetuneArguments, callbacks: Sequence | None = None):
     """Fine-tune as [`parse_args`]'s arguments say, save the result (one process writes it) and return the Trainer."""
-    from transformers import AutoModelForImageTextToText, TrainingArguments, set_seed
+    from transformers import AutoConfig, AutoModelForImageTextToText, set_seed
 
-    set_seed(args.seed)
-    output = Path(args.output)
-    processor, (tokenizer, clip_tokenizer, image_processor) = load_preprocessing(args)
+    training_args = args.training
+    set_seed(training_args.seed)
+    output = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume in ("last", "True", "true"):
+        if not any(output.glob("checkpoint-*")):
+            raise FileNotFoundError(
+                f"--resume: no checkpoint-N folder in {output}; run with --save_strategy steps --save_steps N to "
+                "write checkpoints."
+            )
+        resume = True
+    # the data first: a missing or broken file is named before the model is loaded
+    dataset = LlavaConversationDataset(
+        args.data.data_path, args.data.image_folder, skip_bad_samples=training_args.skip_bad_samples
+    )
+    model_path = build_stage2_start(args) if args.model.builds_stage2_start else args.model.model_name_or_path
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=True)
+    check_architecture_flags(args, config)
+    processor, (tokenizer, clip_tokenizer, image_processor) = load_preprocessing(args, model_path)
     collator_kwargs = {
-        "system_prompt": args.system_prompt,
-        "trim_question": args.trim_question,
-        "pad_to_square": args.pad_to_square,
-        "max_length": args.max_length,
+        "system_prompt": args.data.system_prompt,
+        "trim_question": args.trim.trim_question,
+        "pad_to_square": args.data.pad_to_square,
+        "max_length": training_args.model_max_length,
     }
     if processor is not None:
         collator = LlavaTrimDataCollator.from_processor(processor, **collator_kwargs)
     else:
         collator = LlavaTrimDataCollator(tokenizer, clip_tokenizer, image_processor, **collator_kwargs)
 
-    # the Trainer's arguments come first: with DeepSpeed ZeRO-3 they make `from_pretrained` load the weights sharded
-    training_args = TrainingArguments(
-        output_dir=str(output / "checkpoints"),
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate or (2e-4 if args.lora else 2e-5),
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_ratio,  # a number below 1 is a fraction of the training steps
-        lr_scheduler_type=args.lr_scheduler,
-        logging_steps=args.logging_steps,
-        save_strategy="steps" if args.save_steps > 0 else "no",
-        save_steps=args.save_steps if args.save_steps > 0 else 500,
-        save_total_limit=args.save_total_limit,
-        bf16=args.bf16,
-        tf32=args.tf32,
-        activation_checkpointing=args.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
-        dataloader_num_workers=args.num_workers,
-        # a text-only batch leaves the projector without gradient on its process; DDP must look for that
-        ddp_find_unused_parameters=True,
-        remove_unused_columns=False,  # the collator needs the raw records
-        label_names=["labels"],
-        report_to="none",
-        seed=args.seed,
-        use_cpu=not _accelerator_available(),
-        deepspeed=args.deepspeed,
-        fsdp=args.fsdp is not None,
-        fsdp_config=args.fsdp,
-    )
-    if args.deepspeed is not None:
+    if training_args.deepspeed:
         import deepspeed
 
         deepspeed.init_distributed()  # joins the process group (accelerate does so itself on GPUs, not on CPU)
     # LoRA keeps the frozen base in bfloat16; full fine-tuning keeps float32 master weights under mixed precision
-    dtype = torch.bfloat16 if args.bf16 and args.lora else torch.float32
+    lora = training_args.lora_enable
+    dtype = torch.bfloat16 if training_args.bf16 and lora else torch.float32
     model_kwargs = {"dtype": dtype, "trust_remote_code": True}
-    if args.attn_implementation:
-        model_kwargs["attn_implementation"] = args.attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(args.model, **model_kwargs)
-    if args.trim_ratio != "config":
-        model.config.trim_ratio = args.trim_ratio
+    if args.model.attn_implementation:
+        model_kwargs["attn_implementation"] = args.model.attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(model_path, **model_kwargs)
+    if args.trim.trim_ratio is not None:
+        model.config.trim_ratio = args.trim.ratio
     model.config.use_cache = False
     collator.image_seq_length = model.config.image_seq_length
     if collator.image_token_id != model.config.image_token_id:
@@ -626,10 +565,12 @@ def train(args: argparse.Namespace, callbacks: Sequence | None = None):
             f"{model.config.image_token_id}: use the tokenizer saved with the model."
         )
 
-    if args.lora:
-        model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, not args.freeze_language_model)
+    train_language_model = not args.model.freeze_backbone
+    if lora:
+        r, alpha, dropout = training_args.lora_r, training_args.lora_alpha, training_args.lora_dropout
+        model = apply_lora(model, r, alpha, dropout, train_language_model)
     else:
-        configure_trainable_parameters(model, train_language_model=not args.freeze_language_model)
+        configure_trainable_parameters(model, train_language_model=train_language_model)
 
     if world_size() > 1 and training_args.world_size != world_size():
         raise RuntimeError(
@@ -640,35 +581,42 @@ def train(args: argparse.Namespace, callbacks: Sequence | None = None):
         sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: ds_numel
         trainable, total = sum(size for size, trained in sizes if trained), sum(size for size, _ in sizes)
         print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-        per_step = training_args.world_size * args.batch_size * args.gradient_accumulation_steps
+        batch, accumulation = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
         print(
-            f"{training_args.world_size} process(es) x batch {args.batch_size} x accumulation "
-            f"{args.gradient_accumulation_steps} = {per_step} samples per optimiser step"
+            f"{training_args.world_size} process(es) x batch {batch} x accumulation {accumulation} = "
+            f"{training_args.world_size * batch * accumulation} samples per optimiser step"
         )
 
-    dataset = LlavaConversationDataset(args.data, args.image_folder, skip_bad_samples=args.skip_bad_samples)
     trainer = LlavaTrimTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
-        data_collator=SkipBadSamples(collator) if args.skip_bad_samples else collator,
+        data_collator=SkipBadSamples(collator) if training_args.skip_bad_samples else collator,
+        processing_class=processor,
         callbacks=list(callbacks or []),
-        group_by_modality_length=args.group_by_modality_length,
+        group_by_modality_length=training_args.group_by_modality_length,
     )
-    if args.fsdp is not None and not trainer.is_fsdp_enabled:
+    if training_args.fsdp and not trainer.is_fsdp_enabled:
         raise RuntimeError(
             "--fsdp: the Trainer did not shard the model: accelerate runs FSDP on GPUs (or other accelerators) with "
             "several processes only. Launch with torchrun / accelerate launch on GPUs, or drop --fsdp for plain data "
             "parallelism."
         )
-    if args.deepspeed is not None and not trainer.is_deepspeed_enabled:
+    if training_args.deepspeed and not trainer.is_deepspeed_enabled:
         raise RuntimeError("--deepspeed: the Trainer did not start DeepSpeed; is `deepspeed` installed?")
-    resume = args.resume
-    if resume is True and not any(Path(training_args.output_dir).glob("checkpoint-*")):
-        raise FileNotFoundError(
-            f"--resume: no checkpoint in {training_args.output_dir}; run with --save-steps to write checkpoints."
+    first_step = trainer.state.global_step
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except BadSampleError as error:
+        raise ValueError(f"{_one_line(error)} (--no_skip_bad_samples stops at the first bad sample.)") from None
+    skipped = int(
+        trainer.accelerator.reduce(torch.tensor(trainer.skipped_samples, device=training_args.device), "sum")
+    )
+    if trainer.state.global_step == first_step and skipped:
+        raise ValueError(
+            f"No usable record: all {skipped} samples read were skipped (see the warnings above), so nothing was "
+            "trained and no model was written; fix the data or --image_folder."
         )
-    trainer.train(resume_from_checkpoint=resume)
 
     model.config.use_cache = True
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
@@ -678,10 +626,11 @@ def train(args: argparse.Namespace, callbacks: Sequence | None = None):
     elif trainer.is_world_process_zero():
         save_finetuned(trainer.model, output, processor)
     trainer.accelerator.wait_for_everyone()
-    skipped = trainer.accelerator.reduce(torch.tensor(trainer.skipped_samples, device=training_args.device), "sum")
     if trainer.is_world_process_zero():
-        print(f"skipped {int(skipped)} bad sample(s)")
+        print(f"skipped {skipped} bad sample(s)")
         print(f"saved the fine-tuned model to {output}")
+        if training_args.push_to_hub:
+            trainer.push_to_hub()
     return trainer
 
 
@@ -715,13 +664,15 @@ __all__ = [
     "VicunaPrompt",
     "apply_lora",
     "build_parser",
+    "build_stage2_start",
     "build_vicuna_v1_prompt",
     "configure_trainable_parameters",
     "conversation_to_messages",
-    "gradient_accumulation_steps",
+    "check_architecture_flags",
     "load_preprocessing",
     "main",
     "parse_args",
+    "reduce_func_ratio",
     "save_finetuned",
     "train",
 ]

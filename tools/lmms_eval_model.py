@@ -26,7 +26,8 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .evaluate import load_model_and_processor, parse_setting
+from ..configuration_llava_trim import parse_trim_ratio
+from .loading import load_model_and_processor
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -55,8 +56,7 @@ class LlavaTrim(lmms):
                 "batch_size, dtype and device."
             )
         # lmms-eval parses model_args itself: "-1" may arrive as -1.0, "none" as None
-        setting = "auto" if isinstance(trim_ratio, int | float) and trim_ratio == -1 else str(trim_ratio)
-        self.trim_ratio = parse_setting(setting).trim_ratio
+        self.trim_ratio = parse_trim_ratio(str(trim_ratio))
         self.batch_size_per_process = int(batch_size)
         if self.batch_size_per_process < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}.")

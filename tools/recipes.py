@@ -1,7 +1,8 @@
 # Copyright 2026 The llava-trim authors. Licensed under the Apache License, Version 2.0.
 """Training recipes for `python -m llava_trim.tools.finetune --recipe NAME`, and the distributed-training configs.
 
-A recipe is a set of defaults for the command line's flags: any flag given explicitly still wins.
+A recipe is a set of defaults for the command line's flags (transformers' and LLaVA's names): any flag given
+explicitly still wins.
 """
 
 from pathlib import Path
@@ -13,24 +14,25 @@ from pathlib import Path
 # of processes, so the optimiser sees 128 samples per step on 1, 8 or 16 GPUs alike.
 RECIPES: dict[str, dict] = {
     "llava-v1.5": {
-        "epochs": 1.0,
-        "batch_size": 4,
+        "num_train_epochs": 1.0,
+        "per_device_train_batch_size": 4,
         "global_batch_size": 128,
         "learning_rate": 2e-5,
         "weight_decay": 0.0,
         "warmup_ratio": 0.03,
-        "lr_scheduler": "cosine",
+        "lr_scheduler_type": "cosine",
         "bf16": True,
         "tf32": True,
         "gradient_checkpointing": True,
-        "max_length": 2048,
+        "model_max_length": 2048,
         "group_by_modality_length": True,
-        "pad_to_square": True,
+        "image_aspect_ratio": "pad",
         "skip_bad_samples": True,
         "logging_steps": 1,
-        "save_steps": 50000,
+        "save_strategy": "steps",
+        "save_steps": 5000,
         "save_total_limit": 1,
-        "num_workers": 4,
+        "dataloader_num_workers": 4,
     },
 }
 

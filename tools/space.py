@@ -13,7 +13,6 @@ nothing that is not on PyPI. The model is downloaded by the Space from the Hub: 
 (`convert_checkpoint.py --push-to-hub`). A 7B model needs a GPU Space (`--hardware`, e.g. `t4-medium`).
 """
 
-import argparse
 import importlib.metadata
 import json
 import os
@@ -25,13 +24,16 @@ from pathlib import Path
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .cli import command_parser
+
 PACKAGE = "llava_trim"
 TOOLS_FOLDER = Path(__file__).resolve().parent
 PACKAGE_FOLDER = TOOLS_FOLDER.parent
 # What the page imports, copied into the Space as the `llava_trim` package: the model's three files and the tools
-# the page uses (`visualize.py` draws the heatmap with the processor's image path, `demo.py` draws the examples).
+# the page uses (`visualize.py` draws the heatmap with the processor's image path, `demo.py` draws the examples,
+# `cli.py` builds their command lines).
 PACKAGE_MODULES = ("__init__.py", "configuration_llava_trim.py", "modeling_llava_trim.py", "processing_llava_trim.py")
-TOOLS_MODULES = ("__init__.py", "app.py", "loading.py", "visualize.py", "demo.py", "tiny_tokenizers.py")
+TOOLS_MODULES = ("__init__.py", "app.py", "cli.py", "loading.py", "visualize.py", "demo.py", "tiny_tokenizers.py")
 
 SPACE_APP = '''"""Hugging Face Space: the LLaVA-TRIM page on {model}."""
 
@@ -77,6 +79,9 @@ answer, heatmap, kept = client.predict(handle_file("bus.jpg"), "What is the colo
 ```
 
 The TRIM mode is `"auto"`, `"off"` or a keep ratio such as `"0.25"`.
+
+Limits: uploads up to 32 MB and 50 million pixels, questions up to 2000 characters, 20 questions per conversation,
+answers up to 120 s; one request runs at a time and up to 16 wait their turn (more are refused: "queue is full").
 """
 
 
@@ -163,10 +168,10 @@ def write_space(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; see `--help`."""
-    parser = argparse.ArgumentParser(
-        prog="python -m llava_trim.tools.space",
-        description="Write a Hugging Face Space folder (Gradio) running the LLaVA-TRIM page on a converted model.",
-        epilog="Example: python -m llava_trim.tools.space --model your-name/llava-v1.5-7b-trim --output my-space",
+    parser = command_parser(
+        "python -m llava_trim.tools.space",
+        "Write a Hugging Face Space folder (Gradio) running the LLaVA-TRIM page on a converted model.",
+        "python -m llava_trim.tools.space --model your-name/llava-v1.5-7b-trim --output my-space",
     )
     parser.add_argument("--model", required=True, help="Hub repository id of a converted model (owner/name).")
     parser.add_argument("--output", required=True, help="Folder to write (e.g. ./llava-trim-space).")

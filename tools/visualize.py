@@ -29,7 +29,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..processing_llava_trim import llava_image_processor, load_image, single_turn_messages
+from ..configuration_llava_trim import parse_trim_ratio
+from ..processing_llava_trim import bounded_pad_and_resize, llava_image_processor, load_image, single_turn_messages
+from .cli import command_parser, flag_value
 from .tiny_tokenizers import build_clip_image_processor
 
 # `openai/clip-vit-large-patch14-336`'s normalisation.
@@ -64,7 +66,8 @@ def model_view(image, image_processor=None) -> Image.Image:
         image_processor (*optional*): the model's (`processor.image_processor`); LLaVA-1.5's by default.
     """
     image_processor = image_processor if image_processor is not None else default_image_processor()
-    pixel_values = image_processor(load_image(image), return_tensors="pt")["pixel_values"][0]  # (3, 336, 336)
+    decoded = bounded_pad_and_resize(load_image(image), image_processor)  # a large canvas: padded and resized here
+    pixel_values = image_processor(decoded, return_tensors="pt")["pixel_values"][0]  # (3, 336, 336)
     return pixel_values_to_image(pixel_values, image_processor.image_mean, image_processor.image_std)
 
 
@@ -404,10 +407,16 @@ def select_for_ratios(
     return view, keep_masks
 
 
+EXAMPLE = """\
+python -m llava_trim.tools.visualize --model llava-v1.5-7b-trim --image photo.jpg \\
+    --question "What is written on the sign?" --ratios auto 0.1 0.5 --output kept.png"""
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m llava_trim.tools.visualize",
-        description="Draw the image patches TRIM keeps for a question, for one or several TRIM modes, as a PNG.",
+    parser = command_parser(
+        "python -m llava_trim.tools.visualize",
+        "Draw the image patches TRIM keeps for a question, for one or several TRIM modes, as a PNG.",
+        EXAMPLE,
     )
     parser.add_argument("--model", required=True, help="Converted LLaVA-TRIM folder or Hub repository id.")
     parser.add_argument("--image", required=True, help="Image file.")
@@ -415,26 +424,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ratios",
         nargs="+",
-        default=["auto"],
+        type=flag_value(parse_trim_ratio, "trim_ratio"),
+        default=[-1],
         help="TRIM modes, one panel each: 'auto' (IQR outliers), 'off', or a fraction in (0, 1]. Default: auto.",
     )
-    parser.add_argument("--output", default="trim_selection.png", help="PNG to write.")
+    parser.add_argument(
+        "--output", default="trim_selection.png", help="Picture to write: .png (or another format Pillow writes)."
+    )
     parser.add_argument("--trim-text", default=None, help="Score against this text instead of the question.")
     parser.add_argument("--scale", type=int, default=None, help="Enlargement of the 336-pixel view (default 2 or 1).")
     parser.add_argument("--device", default="auto", help="'auto' (GPU if available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    extension = Path(args.output).suffix.lower()
+    if Image.registered_extensions().get(extension) not in Image.SAVE:
+        kind = f"{extension} files" if extension else "a file without an extension"
+        parser.error(f"--output {args.output}: Pillow cannot write {kind}; name a .png file such as kept.png")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; see `--help`."""
-    from .evaluate import load_model_and_processor, parse_setting
+    from .loading import load_model_and_processor
 
     args = parse_args(argv)
-    try:
-        trim_ratios = [parse_setting(text).trim_ratio for text in args.ratios]
-    except ValueError as error:
-        raise SystemExit(f"--ratios: {error}") from None
+    trim_ratios = args.ratios
     image_path = Path(args.image)
     if not image_path.is_file():
         raise SystemExit(f"--image: no such file: {image_path}")
@@ -472,8 +486,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(output)
+    partial = output.with_name(output.name + ".partial")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(partial, format=Image.registered_extensions()[output.suffix.lower()])
+        partial.replace(output)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise SystemExit(f"--output: cannot write {output} ({error.strerror or error})") from None
     for label, mask in zip(labels, keep_masks, strict=True):
         total = mask.shape[0] if not isinstance(view, tuple) else candidates
         print(f"{label}: {format_count(int(mask.sum()), total)}")

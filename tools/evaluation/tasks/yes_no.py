@@ -57,22 +57,30 @@ class POPE(Benchmark):
     scoring = "local: accuracy, precision, recall, F1 per split (coco/coco_pope_<split>.json)"
 
     def score(self, records, questions) -> dict | None:
+        """Metrics per split, as LLaVA's `eval_pope.py`; F1 and accuracy averaged over the splits. Splits with no
+        answer yet are left out (not averaged in as zeros); `partial` says when not every labelled question is answered
+        (a `--limit` run, or one still to resume)."""
         label_files = sorted((self.root / self.annotation_folder).glob("coco_pope_*.json"))
         if not label_files or not records:
             return None
         category = {question["question_id"]: question.get("category") for question in questions}
-        splits = {}
+        splits, num_questions = {}, 0
         for path in label_files:
             split = path.name[len("coco_pope_") : -len(".json")]
             labels = [record["label"] for record in read_jsonl(path)]
+            num_questions += len(labels)
             # answers of this split in answer-file order, paired with the label lines by position
             answers = [record["text"] for record in records if category.get(record["question_id"]) == split]
-            splits[split] = pope_metrics(answers, labels)
-        return {
+            if answers:
+                splits[split] = pope_metrics(answers, labels)
+        score = {
             "f1": sum(split["f1"] for split in splits.values()) / len(splits),
             "accuracy": sum(split["accuracy"] for split in splits.values()) / len(splits),
             "splits": splits,
         }
+        if len(records) < num_questions:
+            score.update(partial=True, num_answered=len(records), num_questions=num_questions)
+        return score
 
 
 # ---------------------------------------------------------------------------------------------------------------------

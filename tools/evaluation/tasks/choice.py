@@ -228,9 +228,25 @@ class SEEDBench(Benchmark):
     scoring = "local: accuracy, image and per question type (SEED-Bench.json)"
 
     def write_outputs(self, records, questions, output_dir: Path, tag: str) -> list:
+        """The upload file of LLaVA's `convert_seed_for_submission.py`: one line per question of SEED-Bench.json, in
+        its order, with its (string) `question_id`; written once every one of them is answered."""
+        path = self.root / self.annotation_file
+        if not path.is_file():
+            print(f"{self.title}: {path} not found, so no upload file was written.", file=sys.stderr)
+            return []
+        answers = {str(record["question_id"]): record["text"] for record in records}
+        question_ids = [question["question_id"] for question in read_json(path)["questions"]]
+        missing = [question_id for question_id in question_ids if str(question_id) not in answers]
+        if missing:
+            print(
+                f"{self.title}: {len(missing)} questions of {path.name} are unanswered (e.g. {missing[0]!r}), so no "
+                "upload file was written: run the same command again to answer them.",
+                file=sys.stderr,
+            )
+            return []
         lines = [
-            json.dumps({"question_id": record["question_id"], "prediction": record["text"]}, ensure_ascii=False)
-            for record in records
+            json.dumps({"question_id": question_id, "prediction": answers[str(question_id)]})
+            for question_id in question_ids
         ]
         return [write_lines(output_dir / f"seed_bench_{tag}.jsonl", lines)]
 
