@@ -1,5 +1,6 @@
-# Quick start: `make demo` (convert a tiny offline checkpoint and run the pipeline), `make test` (the test suite),
-# `make app` (the Gradio page on the demo's tiny model, http://127.0.0.1:7860; `make app PORT=8000` for another port).
+# Quick start: `make demo` (convert a tiny offline checkpoint and run the pipeline; `make demo-next` for LLaVA-NeXT),
+# `make test` (the test suite), `make app` (the Gradio page on the demo's tiny model, http://127.0.0.1:7860;
+# `make app PORT=8000` for another port).
 # A fresh machine needs only Python 3.10+: the first target run creates $(VENV) and installs what that target needs:
 # `make demo` the runtime dependencies only (what `pip install llava-trim` brings), `make app` adds the `app` extra,
 # `make test` the test and tool extras, LLaVA's package, DeepSpeed, lmms-eval and a second environment with the oldest
@@ -20,7 +21,7 @@ PORT ?= 7860
 OLDEST_TRANSFORMERS := 5.24.0
 OLDEST_VENV := .venv-transformers-$(OLDEST_TRANSFORMERS)
 
-.PHONY: install install-test install-lmms-eval install-oldest-transformers demo test lint app
+.PHONY: install install-test install-lmms-eval install-oldest-transformers demo demo-next test lint app
 
 # The runtime: torch and the package with its dependencies, as `pip install llava-trim` installs them
 install: $(VENV)/.installed
@@ -71,6 +72,9 @@ $(OLDEST_VENV)/.installed: $(VENV)/.installed
 
 demo: install
 	$(BIN)/python -m llava_trim.tools.demo
+
+demo-next: install
+	$(BIN)/python -m llava_trim.tools.demo --family next
 
 app: install $(VENV)/.installed-app $(DEMO_MODEL)/config.json
 	$(BIN)/python -m llava_trim.tools.app --model $(DEMO_MODEL) --port $(PORT)

@@ -1,5 +1,5 @@
 # Copyright 2026 The llava-trim authors. Licensed under the Apache License, Version 2.0.
-"""Configuration of LLaVA-1.5 with TRIM (Token Reduction using CLIP Metric, arXiv 2409.10994)."""
+"""Configuration of LLaVA-1.5 and LLaVA-NeXT with TRIM (Token Reduction using CLIP Metric, arXiv 2409.10994)."""
 
 import math
 import numbers
@@ -170,4 +170,44 @@ class LlavaTrimConfig(LlavaConfig):
             raise ValueError(f"`trim_scope` must be 'image' or 'batch', got {self.trim_scope!r}.")
 
 
-__all__ = ["LlavaTrimCLIPTextConfig", "LlavaTrimConfig"]
+# ---------------------------------------------------------------------------------------------------------------------
+# LLaVA-NeXT (llava-v1.6, anyres): the LLaVA-1.5 configuration plus the high-resolution grid (docs/trim.md section 8)
+# ---------------------------------------------------------------------------------------------------------------------
+
+DEFAULT_IMAGE_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+@strict
+class LlavaNextTrimConfig(LlavaTrimConfig):
+    r"""
+    Configuration of [`LlavaNextTrimForConditionalGeneration`]: a LLaVA-NeXT (llava-v1.6) model with TRIM. The fields
+    are those of [`LlavaTrimConfig`] plus `image_grid_pinpoints` of [`~transformers.LlavaNextConfig`];
+    `image_seq_length` counts the patches of one 336 px crop.
+
+    Args:
+        image_grid_pinpoints (`list[list[int]]`, *optional*):
+            The `(height, width)` resolutions an image may be tiled at; defaults to LLaVA-NeXT's five (up to 672x672,
+            336x1008 and 1008x336).
+        kwargs: see [`LlavaTrimConfig`]. `trim_scope` must be `"image"` (images differ in their number of tokens).
+    """
+
+    model_type = "llava_next_trim"
+
+    image_grid_pinpoints: list | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.image_grid_pinpoints is None:
+            self.image_grid_pinpoints = [list(pinpoint) for pinpoint in DEFAULT_IMAGE_GRID_PINPOINTS]
+
+    def validate_trim(self):
+        """TRIM's fields as for LLaVA-1.5, except the batch-wide threshold, which has no meaning here."""
+        super().validate_trim()
+        if self.trim_scope != "image":
+            raise ValueError(
+                "`trim_scope` must be 'image' for LLaVA-NeXT: its images have different numbers of tokens, so one "
+                "threshold over the batch cannot be spread evenly (docs/trim.md section 8)."
+            )
+
+
+__all__ = ["LlavaNextTrimConfig", "LlavaTrimCLIPTextConfig", "LlavaTrimConfig"]

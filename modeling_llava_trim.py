@@ -4,7 +4,8 @@
 Reading order: the TRIM selection as pure functions (`trim_keep_mask`, `trim_image_tokens`), the sequence compaction
 (`compact_image_runs`), then the modules. The LLaVA parts (CLIP vision tower, projector, Llama decoder) are the
 native transformers Llava building blocks with their native weight names; TRIM adds `model.trim_scorer` (the CLIP
-text tower and CLIP's two projections).
+text tower and CLIP's two projections). The last section adds LLaVA-NeXT (llava-v1.6, anyres), which runs the same
+TRIM step on the image features of an overview and tiles (docs/trim.md section 8).
 """
 
 import copy
@@ -34,6 +35,7 @@ from transformers import (
     GenerationMixin,
     LlavaForConditionalGeneration,
     LlavaModel,
+    LlavaNextModel,
     PreTrainedModel,
 )
 from transformers import initialization as init
@@ -50,7 +52,7 @@ from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_llava_trim import LlavaTrimConfig, check_trim_iqr_multiplier, check_trim_ratio
+from .configuration_llava_trim import LlavaNextTrimConfig, LlavaTrimConfig, check_trim_iqr_multiplier, check_trim_ratio
 
 logger = logging.get_logger(__name__)
 
@@ -172,7 +174,7 @@ def compact_image_runs(
     attention_mask: torch.Tensor | None,
     tokens_per_image: torch.LongTensor,
     image_token_id: int,
-    image_seq_length: int,
+    image_seq_length: int | torch.LongTensor,
     pad_token_id: int = 0,
     labels: torch.LongTensor | None = None,
 ) -> CompactedSequence:
@@ -188,7 +190,8 @@ def compact_image_runs(
         tokens_per_image (`torch.LongTensor` of shape `(num_images,)`): positions each image takes, at most
             `image_seq_length + 1`.
         image_token_id (`int`): the placeholder token id.
-        image_seq_length (`int`): placeholders per image in `input_ids`.
+        image_seq_length (`int` or `torch.LongTensor` of shape `(num_images,)`): placeholders per image in
+            `input_ids` (one count per image for LLaVA-NeXT, whose images differ).
         pad_token_id (`int`): filler for new padding positions.
         labels (`torch.LongTensor` of shape `(batch, length)`, *optional*): compacted alongside, -100 on images.
     """
@@ -198,15 +201,18 @@ def compact_image_runs(
     is_image = input_ids == image_token_id  # (batch, length)
     # index of every placeholder among all placeholders of the batch, row after row
     placeholder_rank = is_image.flatten().cumsum(0).view(batch_size, length) - 1
-    image_index = (placeholder_rank // image_seq_length).clamp(0, tokens_per_image.shape[0])
-    index_in_run = placeholder_rank % image_seq_length
+    run_lengths = torch.as_tensor(image_seq_length, device=input_ids.device).expand(tokens_per_image.shape[0])
+    run_ends = torch.cat([run_lengths.cumsum(0), run_lengths.new_full((1,), input_ids.numel())])  # spare last run
+    image_index = torch.searchsorted(run_ends, placeholder_rank, right=True).clamp(0, tokens_per_image.shape[0])
+    run_length = torch.cat([run_lengths, run_lengths.new_ones(1)])[image_index]
+    index_in_run = placeholder_rank - (run_ends[image_index] - run_length)
     # how many output positions each input token becomes: text 1, padding 0, the j-th placeholder of a run 1 while
     # j < tokens_per_image, and the run's last placeholder also carries any excess (tokens_per_image - S + 1);
     # the spare last entry only serves text positions past the last image
     run_target = torch.cat([tokens_per_image, tokens_per_image.new_zeros(1)])[image_index]
     placeholder_copies = torch.where(
-        index_in_run == image_seq_length - 1,
-        (run_target - image_seq_length + 1).clamp(min=0),
+        index_in_run == run_length - 1,
+        (run_target - run_length + 1).clamp(min=0),
         (index_in_run < run_target).long(),
     )
     copies = torch.where(is_image, placeholder_copies, torch.ones_like(placeholder_copies))
@@ -251,16 +257,30 @@ class TrimSelection:
         keep_mask (`torch.BoolTensor` of shape `(num_images, N)`): `True` for kept patches (all `True` when off).
         probs (`torch.FloatTensor` of shape `(num_images, N)`, *optional*): `softmax(-s)`, float32; `None` when off.
         trim_ratio (`float`, *optional*): the mode used: `-1` automatic, a fraction, or `None` (off).
+        num_newlines (`torch.LongTensor` of shape `(num_images,)`, *optional*): LLaVA-NeXT only, the `image_newline`
+            tokens each image keeps (docs/trim.md section 8); its `keep_mask` rows are padded with `False`.
+        num_candidates (`torch.LongTensor` of shape `(num_images,)`, *optional*): LLaVA-NeXT only, each image's
+            candidate tokens (the unpadded part of its `keep_mask` row).
     """
 
     keep_mask: torch.Tensor
     probs: torch.Tensor | None
     trim_ratio: float | None
+    num_newlines: torch.LongTensor | None = None
+    num_candidates: torch.LongTensor | None = None
 
     @property
     def num_patches(self) -> int:
-        """Patch tokens per image before reduction (576 for CLIP ViT-L/14 at 336 px)."""
+        """Patch tokens per image before reduction (576 for CLIP ViT-L/14 at 336 px); for LLaVA-NeXT the width of
+        `keep_mask`, the largest image's candidates (each image's own count: `candidates_per_image`)."""
         return self.keep_mask.shape[1]
+
+    @property
+    def candidates_per_image(self) -> torch.LongTensor:
+        """The tokens TRIM chose from in each image, shape `(num_images,)`: `N`, or LLaVA-NeXT's candidates."""
+        if self.num_candidates is not None:
+            return self.num_candidates
+        return torch.full((self.keep_mask.shape[0],), self.keep_mask.shape[1], device=self.keep_mask.device)
 
     @property
     def num_kept(self) -> torch.LongTensor:
@@ -274,8 +294,10 @@ class TrimSelection:
 
     @property
     def tokens_per_image(self) -> torch.LongTensor:
-        """LLM positions each image occupies: `|K| + 1` with TRIM on, `N` when off."""
-        return self.num_kept + (0 if self.trim_ratio is None else 1)
+        """LLM positions each image occupies: `|K| + 1` with TRIM on, `N` when off (plus the kept newlines for
+        LLaVA-NeXT)."""
+        newlines = 0 if self.num_newlines is None else self.num_newlines.to(self.keep_mask.device)
+        return self.num_kept + newlines + (0 if self.trim_ratio is None else 1)
 
 
 @dataclass
@@ -381,12 +403,14 @@ class LlavaTrimScorer(nn.Module):
         patch_features: torch.Tensor,
         trim_input_ids: torch.LongTensor,
         trim_attention_mask: torch.Tensor | None = None,
+        return_scores: bool = False,
     ) -> torch.Tensor:
         """Return `p = softmax(-s)` over the patches of each image, float32 of shape `(num_images, N)`.
 
         `s_i = P_i . t` with `P = visual_projection(patch_features)`, `patch_features = post_layernorm(V)` of shape
         `(num_images, N, Dv)`, and `t` the CLIP text embedding of the image's question, both unnormalised. The
         projections and the dot product run in float32, also under mixed precision (autocast is switched off here).
+        With `return_scores=True`, `s` itself (for LLaVA-NeXT, whose softmax spans several crops).
         """
         text_outputs = self.text_model(input_ids=trim_input_ids, attention_mask=trim_attention_mask)
         with torch.autocast(device_type=patch_features.device.type, enabled=False):
@@ -395,7 +419,7 @@ class LlavaTrimScorer(nn.Module):
             projection_dtype = self.visual_projection.weight.dtype
             patch_embeds = self.visual_projection(patch_features.to(projection_dtype)).float()  # (images, N, D)
             scores = torch.einsum("ind,id->in", patch_embeds, text_embeds.to(patch_embeds.device))  # (images, N)
-        return torch.softmax(-scores, dim=-1)
+        return scores if return_scores else torch.softmax(-scores, dim=-1)
 
 
 class LlavaTrimPreTrainedModel(LlavaPreTrainedModel):
@@ -571,21 +595,11 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
     ) -> tuple[torch.Tensor, TrimSelection]:
         """TRIM on vision features `(num_images, N, Dv * num_layers)`, scored on `scored_features` `(num_images, N,
         Dv)`: packed unprojected tokens and the selection. Every layer's features keep the same patches."""
-        trim_ratio = self._trim_ratio(trim_ratio)
-        check_trim_ratio(trim_ratio)
-        check_trim_iqr_multiplier(self.config.trim_iqr_multiplier)
         num_images, num_patches, _ = features.shape
+        trim_ratio = self._resolve_trim(trim_ratio, trim_input_ids, trim_attention_mask, num_images)
         if trim_ratio is None:
             keep = torch.ones(num_images, num_patches, dtype=torch.bool, device=features.device)
             return features.flatten(0, 1), TrimSelection(keep, None, None)
-        trim_ratio = float(trim_ratio)
-        if trim_input_ids is None:
-            raise ValueError(
-                "TRIM is on but no question tokens were given: pass `trim_input_ids` (and `trim_attention_mask`), "
-                "one CLIP-tokenised question per image, as the model's processor returns them; or pass "
-                "`trim_ratio=None` to run without token reduction."
-            )
-        self._check_question_tokens(trim_input_ids, trim_attention_mask, num_images)
         patches = self.vision_tower.post_layernorm(scored_features)  # (num_images, N, Dv), CLIP's layer norm
         probs = self.trim_scorer(patches, trim_input_ids, trim_attention_mask)
         probs = probs.to(features.device)
@@ -594,14 +608,38 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
         )
         return tokens, TrimSelection(keep, probs, trim_ratio)
 
+    def _resolve_trim(
+        self,
+        trim_ratio: float | None | _FromConfig,
+        trim_input_ids: torch.LongTensor | None,
+        trim_attention_mask: torch.Tensor | None,
+        num_images: int,
+    ) -> float | None:
+        """The call's TRIM mode (`None` off), after checking it and, when on, the question tokens."""
+        trim_ratio = self._trim_ratio(trim_ratio)
+        check_trim_ratio(trim_ratio)
+        check_trim_iqr_multiplier(self.config.trim_iqr_multiplier)
+        if trim_ratio is None:
+            return None
+        if trim_input_ids is None:
+            raise ValueError(
+                "TRIM is on but no question tokens were given: pass `trim_input_ids` (and `trim_attention_mask`), "
+                "one CLIP-tokenised question per image, as the model's processor returns them; or pass "
+                "`trim_ratio=None` to run without token reduction."
+            )
+        self._check_question_tokens(trim_input_ids, trim_attention_mask, num_images)
+        return float(trim_ratio)
+
     def select_image_tokens(
         self,
         pixel_values: torch.Tensor,
         trim_input_ids: torch.LongTensor | None = None,
         trim_attention_mask: torch.Tensor | None = None,
         trim_ratio: float | None | _FromConfig = FROM_CONFIG,
+        image_sizes: torch.Tensor | None = None,
     ) -> TrimSelection:
         """Run the vision tower and TRIM's selection only (no language model) and return what would be kept."""
+        self._placeholder_run_lengths(pixel_values, image_sizes)
         _, features, scored = self._vision_features(pixel_values)
         return self._select(features, scored, trim_input_ids, trim_attention_mask, trim_ratio)[1]
 
@@ -644,19 +682,36 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
             trim_selection=selection,
         )
 
-    def _check_placeholders(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, num_images: int):
-        """Every image needs one unbroken, attended run of `image_seq_length` placeholders, in `pixel_values` order."""
-        run = self.config.image_seq_length
+    def _placeholder_run_lengths(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[int]:
+        """Check the images and return the placeholders each needs in `input_ids`: `image_seq_length` for LLaVA-1.5.
+
+        The family-specific part of TRIM's input step, with `get_image_features` (LLaVA-NeXT overrides both)."""
+        if image_sizes is not None:
+            raise ValueError(
+                "`image_sizes` is not used by LLaVA-1.5: every image is resized to one square size by the processor. "
+                "Drop the argument."
+            )
+        self._check_pixel_values(pixel_values)
+        return [self.config.image_seq_length] * pixel_values.shape[0]
+
+    def _check_placeholders(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, run_lengths: list[int]
+    ):
+        """Every image needs one unbroken, attended run of its `run_lengths` placeholders, in `pixel_values` order."""
+        num_images, run = len(run_lengths), run_lengths[0] if len(set(run_lengths)) == 1 else "its"
         is_image = input_ids == self.config.image_token_id  # (batch, length)
         per_row = is_image.sum(dim=1).tolist()
-        if sum(per_row) != num_images * run or any(n % run for n in per_row):
+        ends = torch.tensor(run_lengths).cumsum(0)
+        row_ends = torch.tensor(per_row).cumsum(0)
+        if sum(per_row) != sum(run_lengths) or not set(row_ends.tolist()) <= {0, *ends.tolist()}:
             raise ValueError(
                 f"The prompts hold {per_row} image placeholder tokens per row, but `pixel_values` holds "
                 f"{num_images} image(s) and every image needs one run of {run} placeholders. Put exactly one "
                 "`<image>` in the text per image and let the processor expand it."
             )
-        positions = is_image.flatten().nonzero().view(num_images, run)  # flattened (row, column) of each run
-        broken = ((positions[:, -1] - positions[:, 0]) != run - 1).nonzero().flatten().tolist()
+        positions = is_image.flatten().nonzero().flatten()  # flattened (row, column) of every placeholder
+        first, last = positions[ends - torch.tensor(run_lengths)], positions[ends - 1]
+        broken = ((last - first) != torch.tensor(run_lengths) - 1).nonzero().flatten().tolist()
         if broken:
             raise ValueError(
                 f"The placeholders of image(s) {broken} are split by other tokens: each image needs {run} consecutive "
@@ -697,8 +752,8 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
             )
         if mm_encoder_outputs:
             raise ValueError("Pass either `pixel_values` or precomputed `mm_encoder_outputs`, not both.")
-        self._check_pixel_values(pixel_values)
-        self._check_placeholders(input_ids, attention_mask, pixel_values.shape[0])
+        run_lengths = self._placeholder_run_lengths(pixel_values, image_sizes)
+        self._check_placeholders(input_ids, attention_mask, run_lengths)
         image_outputs = self.get_image_features(
             pixel_values,
             trim_input_ids,
@@ -721,7 +776,7 @@ class LlavaTrimModel(LlavaTrimPreTrainedModel, LlavaModel):
                 attention_mask,
                 selection.tokens_per_image.to(input_ids.device),
                 self.config.image_token_id,
-                self.config.image_seq_length,
+                torch.tensor(run_lengths, device=input_ids.device),
                 pad_token_id=0 if pad_token_id is None else pad_token_id,
                 labels=labels,
             )
@@ -935,14 +990,17 @@ class LlavaTrimForConditionalGeneration(LlavaTrimPreTrainedModel, LlavaForCondit
         trim_ratio: float | None | _FromConfig = FROM_CONFIG,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> TrimSelection:
         """The selection TRIM makes for these images and questions, without running the language model.
 
         Accepts the processor's output directly: `model.select_image_tokens(**inputs)` (`input_ids` and
-        `attention_mask` are accepted for that and not used).
+        `attention_mask` are accepted for that and not used; `image_sizes` is LLaVA-NeXT's).
         """
         with torch.no_grad():
-            return self.model.select_image_tokens(pixel_values, trim_input_ids, trim_attention_mask, trim_ratio)
+            return self.model.select_image_tokens(
+                pixel_values, trim_input_ids, trim_attention_mask, trim_ratio, image_sizes=image_sizes
+            )
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -1406,7 +1464,297 @@ def _record_generation(
     _record(cache, model, input_ids, sources, images.sources)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# LLaVA-NeXT (llava-v1.6, anyres): the same TRIM step, with the image features of an overview and tiles
+# (docs/trim.md section 8)
+# ---------------------------------------------------------------------------------------------------------------------
+# The LLaVA-1.5 classes above hold the whole TRIM step (input checks, scoring, selection, compaction, hand-off to the
+# native model through `mm_encoder_outputs`, generation). A family supplies how its image features are produced and
+# laid out: `_placeholder_run_lengths` (the placeholders each image needs), `get_image_features` and
+# `select_image_tokens`. LLaVA-NeXT's are below; the language-model side (embedding, merging the features into the
+# placeholders, the decoder, the head) is the same for both families.
+
+
+@dataclass
+class AnyresLayout:
+    """Where an image's candidate tokens (docs/trim.md section 8 point 1) come from.
+
+    Attributes:
+        num_crops (`int`): the overview plus the tiles the processor cut.
+        source (`torch.LongTensor` of shape `(M,)`): for each candidate, in native order (overview raster, then the
+            unpadded grid's rows), its index among the image's `num_crops * N` crop patches.
+        grid_shape (`tuple[int, int]`): `(H, W)`, the unpadded grid; each of its rows is followed by a newline.
+        tiles (`tuple[int, int]`): the tiles high and wide of the best resolution.
+        grid_offset (`tuple[int, int]`): row and column of the unpadded grid's first patch in the full tile grid.
+    """
+
+    num_crops: int
+    source: torch.LongTensor
+    grid_shape: tuple[int, int]
+    tiles: tuple[int, int] = (1, 1)
+    grid_offset: tuple[int, int] = (0, 0)
+
+    @property
+    def num_positions(self) -> int:
+        """Positions the image takes natively: `N + H * W + H`."""
+        return self.source.shape[0] + self.grid_shape[0]
+
+
+def anyres_layout(image_size, grid_pinpoints: list, crop_size: int, patches_per_side: int) -> AnyresLayout:
+    """The layout transformers' `LlavaNextModel.pack_image_features` gives an image of `image_size` `(height,
+    width)`: its crops, and the overview and unpadded grid patches in the order they reach the language model."""
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+        unpad_image,
+    )
+
+    image_size = [int(side) for side in image_size]
+    num_crops = image_size_to_num_patches(image_size, grid_pinpoints, crop_size)
+    tiles_high, tiles_wide = get_anyres_image_grid_shape(image_size, grid_pinpoints, crop_size)
+    side = patches_per_side
+    row = torch.arange(tiles_high * side).view(-1, 1)  # rows of the full tile grid
+    column = torch.arange(tiles_wide * side).view(1, -1)
+    # the crop patch at each grid position: tile (row // side, column // side), patch (row % side, column % side)
+    tile = (row // side) * tiles_wide + column // side
+    source = (1 + tile) * side * side + (row % side) * side + column % side  # crop 0 is the overview
+    source = unpad_image(source[None], image_size)[0]  # (H, W): the rows and columns that are not padding
+    first = unpad_image((row * tiles_wide * side + column)[None], image_size)[0, 0, 0].item()
+    overview = torch.arange(side * side)
+    offset = divmod(first, tiles_wide * side)
+    return AnyresLayout(
+        num_crops, torch.cat([overview, source.flatten()]), tuple(source.shape), (tiles_high, tiles_wide), offset
+    )
+
+
+class LlavaNextTrimPreTrainedModel(LlavaTrimPreTrainedModel):
+    config: LlavaNextTrimConfig
+    config_class = LlavaNextTrimConfig
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LlavaNextTrimModel):  # as native LLaVA-NeXT
+            init.normal_(module.image_newline, mean=0.0, std=1 / math.sqrt(self.config.text_config.hidden_size))
+
+
+class LlavaNextTrimModel(LlavaNextTrimPreTrainedModel, LlavaTrimModel):
+    """The native LLaVA-NeXT model (vision tower, projector, `image_newline`, language model) plus `trim_scorer`.
+
+    TRIM's step is [`LlavaTrimModel`]'s; the image features are those of transformers' `LlavaNextModel`: an overview
+    and the unpadded tiles with a newline after each grid row, reduced as docs/trim.md section 8 says.
+    """
+
+    def __init__(self, config: LlavaNextTrimConfig):
+        LlavaNextTrimPreTrainedModel.__init__(self, config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        hidden_size = config.text_config.hidden_size
+        self.image_newline = nn.Parameter(torch.randn(hidden_size, dtype=self.dtype) / math.sqrt(hidden_size))
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.trim_scorer = LlavaTrimScorer(config)
+        self.post_init()
+
+    def _layouts(self, image_sizes: torch.Tensor) -> list[AnyresLayout]:
+        vision = self.config.vision_config
+        return [
+            anyres_layout(
+                size.tolist(),
+                self.config.image_grid_pinpoints,
+                vision.image_size,
+                vision.image_size // vision.patch_size,
+            )
+            for size in image_sizes
+        ]
+
+    @property
+    def max_candidates(self) -> int:
+        """The largest number of candidates an image can have: `keep_mask` rows are this wide."""
+        patch = self.config.vision_config.patch_size
+        grid = max(height * width for height, width in self.config.image_grid_pinpoints) // (patch * patch)
+        return self.config.image_seq_length + grid
+
+    def _placeholder_run_lengths(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[int]:
+        """Check `pixel_values` `(num_images, crops, 3, 336, 336)` and `image_sizes` `(num_images, 2)`; return each
+        image's placeholders, `N + H * W + H` (as `LlavaNextProcessor` expands them)."""
+        size = self.config.vision_config.image_size
+        if pixel_values.ndim != 5 or tuple(pixel_values.shape[2:]) != (3, size, size):
+            raise ValueError(
+                f"`pixel_values` must have shape (num_images, num_crops, 3, {size}, {size}) for LLaVA-NeXT, got "
+                f"{tuple(pixel_values.shape)}. Prepare images with the model's processor (AutoProcessor)."
+            )
+        if image_sizes is None or tuple(image_sizes.shape) != (pixel_values.shape[0], 2):
+            raise ValueError(
+                "LLaVA-NeXT needs `image_sizes` of shape (num_images, 2), each image's (height, width) before "
+                "processing, as the processor returns it with `pixel_values`."
+            )
+        layouts = self._layouts(image_sizes)
+        for index, layout in enumerate(layouts):
+            if layout.num_crops > pixel_values.shape[1]:
+                raise ValueError(
+                    f"Image {index} of size {tuple(image_sizes[index].tolist())} needs {layout.num_crops} crops but "
+                    f"`pixel_values` holds {pixel_values.shape[1]}: pass the `pixel_values` and `image_sizes` the "
+                    "processor returned together."
+                )
+        crops = torch.cat([image[: layout.num_crops] for image, layout in zip(pixel_values, layouts, strict=True)])
+        self._check_pixel_values(crops)
+        return [layout.num_positions for layout in layouts]
+
+    def _crop_features(
+        self,
+        pixel_values: torch.Tensor,
+        layouts: list[AnyresLayout],
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> tuple[BaseModelOutputWithPooling, list[torch.Tensor], list[torch.Tensor]]:
+        """The vision tower's outputs on all crops, the vision features `V` of every image's crops, one `(num_crops, N,
+        Dv * num_layers)` tensor per image, and the features TRIM scores (the last selected layer's), one
+        `(num_crops, N, Dv)` tensor per image."""
+        crops = torch.cat([image[: layout.num_crops] for image, layout in zip(pixel_values, layouts, strict=True)])
+        outputs, features, scored = self._vision_features(
+            crops, vision_feature_layer, vision_feature_select_strategy, **kwargs
+        )
+        sizes = [layout.num_crops for layout in layouts]
+        return outputs, list(features.split(sizes)), list(scored.split(sizes))
+
+    def _select_anyres(
+        self,
+        features: list[torch.Tensor],
+        scored_features: list[torch.Tensor],
+        layouts: list[AnyresLayout],
+        trim_input_ids: torch.LongTensor | None,
+        trim_attention_mask: torch.Tensor | None,
+        trim_ratio: float | None | _FromConfig,
+    ) -> tuple[list[torch.Tensor] | None, TrimSelection]:
+        """docs/trim.md section 8 points 1 to 4: each image's kept candidates and aggregate (unprojected, `None` when
+        off) and the selection."""
+        trim_ratio = self._resolve_trim(trim_ratio, trim_input_ids, trim_attention_mask, len(layouts))
+        device = features[0].device
+        keep_mask = torch.zeros(len(layouts), self.max_candidates, dtype=torch.bool, device=device)
+        counts = torch.tensor([layout.source.shape[0] for layout in layouts], device=device)
+        if trim_ratio is None:
+            for index, layout in enumerate(layouts):
+                keep_mask[index, : layout.source.shape[0]] = True
+            newlines = torch.tensor([layout.grid_shape[0] for layout in layouts], device=device)
+            return None, TrimSelection(keep_mask, None, None, num_newlines=newlines, num_candidates=counts)
+        crops = torch.cat(scored_features)  # (all crops, N, Dv)
+        questions = torch.arange(len(layouts), device=trim_input_ids.device).repeat_interleave(
+            torch.tensor([layout.num_crops for layout in layouts], device=trim_input_ids.device)
+        )
+        mask = None if trim_attention_mask is None else trim_attention_mask[questions]
+        scores = self.trim_scorer(
+            self.vision_tower.post_layernorm(crops), trim_input_ids[questions], mask, return_scores=True
+        ).to(device)  # (all crops, N): every crop against its image's question
+        probs = torch.zeros(keep_mask.shape, dtype=torch.float32, device=device)
+        tokens, newlines = [], []
+        for index, (image_scores, image_features, layout) in enumerate(
+            zip(scores.split([layout.num_crops for layout in layouts]), features, layouts, strict=True)
+        ):
+            source = layout.source.to(device)
+            candidates = image_features.flatten(0, 1)[source]  # (M, Dv) in native order
+            image_probs = torch.softmax(-image_scores.flatten()[source], dim=-1)  # (M,): one softmax per image
+            kept, keep = trim_image_tokens(
+                candidates[None], image_probs[None], trim_ratio, self.config.trim_iqr_multiplier, "image"
+            )
+            count = source.shape[0]
+            keep_mask[index, :count], probs[index, :count] = keep[0], image_probs
+            newlines.append(keep[0, self.config.image_seq_length :].view(layout.grid_shape).any(dim=1).sum())
+            tokens.append(kept)  # (|K| + 1, Dv)
+        selection = TrimSelection(
+            keep_mask, probs, trim_ratio, num_newlines=torch.stack(newlines), num_candidates=counts
+        )
+        return tokens, selection
+
+    def _with_newlines(self, projected: torch.Tensor, keep: torch.Tensor, layout: AnyresLayout) -> torch.Tensor:
+        """docs/trim.md section 8 points 5 and 6: the projected kept tokens and aggregate `(|K| + 1, hidden)` with an
+        `image_newline` after every grid row that keeps a token."""
+        overview = keep[: self.config.image_seq_length]
+        grid = keep[self.config.image_seq_length : layout.source.shape[0]].view(layout.grid_shape)  # (H, W)
+        row_kept = grid.any(dim=1, keepdim=True)  # (H, 1)
+        # the image's positions before reduction, with one newline slot per row and the aggregate's slot at the end
+        slot_kept = torch.cat([overview, torch.cat([grid, row_kept], dim=1).flatten(), keep.new_ones(1)])
+        row_slots = torch.cat([torch.zeros_like(grid), torch.ones_like(row_kept)], dim=1).flatten()
+        is_newline = torch.cat([torch.zeros_like(overview), row_slots, keep.new_zeros(1)])
+        newline = is_newline[slot_kept]
+        features = projected.new_empty(newline.shape[0], projected.shape[-1])
+        features[~newline] = projected
+        features[newline] = self.image_newline.to(projected)
+        return features
+
+    def select_image_tokens(
+        self,
+        pixel_values: torch.Tensor,
+        trim_input_ids: torch.LongTensor | None = None,
+        trim_attention_mask: torch.Tensor | None = None,
+        trim_ratio: float | None | _FromConfig = FROM_CONFIG,
+        image_sizes: torch.Tensor | None = None,
+    ) -> TrimSelection:
+        """Run the vision tower and TRIM's selection only (no language model) and return what would be kept."""
+        self._placeholder_run_lengths(pixel_values, image_sizes)
+        layouts = self._layouts(image_sizes)
+        _, features, scored = self._crop_features(pixel_values, layouts)
+        return self._select_anyres(features, scored, layouts, trim_input_ids, trim_attention_mask, trim_ratio)[1]
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        trim_input_ids: torch.LongTensor | None = None,
+        trim_attention_mask: torch.Tensor | None = None,
+        trim_ratio: float | None | _FromConfig = FROM_CONFIG,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs,
+    ) -> LlavaTrimImageOutput:
+        """The projected image features after TRIM, one `(tokens_per_image[i], hidden)` tensor per image.
+
+        With `trim_ratio=None` they are native LLaVA-NeXT's (overview, unpadded tiles, newlines).
+        """
+        self._placeholder_run_lengths(pixel_values, image_sizes)
+        layouts = self._layouts(image_sizes)
+        kwargs.pop("return_dict", None)
+        vision_outputs, features, scored = self._crop_features(
+            pixel_values, layouts, vision_feature_layer, vision_feature_select_strategy, **kwargs
+        )
+        tokens, selection = self._select_anyres(
+            features, scored, layouts, trim_input_ids, trim_attention_mask, trim_ratio
+        )
+        if tokens is None:  # off: native LLaVA-NeXT's projection and packing
+            projected = self.multi_modal_projector(torch.cat(features)).split([len(crops) for crops in features])
+            per_image, _ = LlavaNextModel.pack_image_features(
+                self, projected, image_sizes, self.config.vision_feature_select_strategy, self.image_newline
+            )
+        else:
+            projected = self.multi_modal_projector(torch.cat(tokens)).split([len(kept) for kept in tokens])
+            per_image = [
+                self._with_newlines(image_tokens, keep[: layout.source.shape[0]], layout)
+                for image_tokens, keep, layout in zip(projected, selection.keep_mask, layouts, strict=True)
+            ]
+        return LlavaTrimImageOutput(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=list(per_image),
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+            trim_selection=selection,
+        )
+
+
+class LlavaNextTrimForConditionalGeneration(LlavaNextTrimPreTrainedModel, LlavaTrimForConditionalGeneration):
+    """LLaVA-NeXT (llava-v1.6) with TRIM: [`LlavaTrimForConditionalGeneration`]'s forward and generation on the image
+    features of [`LlavaNextTrimModel`]. Inputs are those of native `LlavaNextForConditionalGeneration` (`image_sizes`
+    included) plus `trim_input_ids` / `trim_attention_mask`; `trim_ratio=None` gives native LLaVA-NeXT."""
+
+    def __init__(self, config: LlavaNextTrimConfig):
+        LlavaNextTrimPreTrainedModel.__init__(self, config)
+        self.model = LlavaNextTrimModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
 __all__ = [
+    "LlavaNextTrimForConditionalGeneration",
+    "LlavaNextTrimModel",
+    "LlavaNextTrimPreTrainedModel",
     "LlavaTrimForConditionalGeneration",
     "LlavaTrimModel",
     "LlavaTrimPreTrainedModel",

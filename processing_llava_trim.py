@@ -2,7 +2,8 @@
 """Processor of LLaVA-1.5 with TRIM: LLaVA's image preprocessing, the Llama prompt and the CLIP-tokenised question.
 
 Reading order: the `vicuna_v1` chat template, image decoding, the question of each image (the rule of `docs/trim.md`,
-from chat messages or from a raw prompt), then [`LlavaTrimProcessor`] (`__call__` ties them together).
+from chat messages or from a raw prompt), then [`LlavaTrimProcessor`] (`__call__` ties them together), and last
+[`LlavaNextTrimProcessor`] for LLaVA-NeXT (its images, placeholder counts and conversations).
 """
 
 import base64
@@ -483,7 +484,11 @@ def single_turn_messages(question: str, image: Any = None) -> list[dict]:
 
 
 def questions_from_prompt(
-    prompt: str, image_token: str = "<image>", special_tokens: tuple[str, ...] = ()
+    prompt: str,
+    image_token: str = "<image>",
+    special_tokens: tuple[str, ...] = (),
+    user_marker: str = "USER:",
+    assistant_marker: str = "ASSISTANT:",
 ) -> list[str]:
     """
     The TRIM question of each `image_token` of a raw prompt string, by the same rule as [`questions_from_messages`].
@@ -492,16 +497,17 @@ def questions_from_prompt(
     </s>USER: {question} ASSISTANT:"` (user turns start at "USER:" and end at the next "ASSISTANT:"), or text without
     role markers, all of which is the question (`"<image>\\nWhat is this?"`). A question that itself contains "USER:"
     or "ASSISTANT:" cannot be told apart from the markers: pass chat messages to `apply_chat_template`, or
-    `trim_text=`.
+    `trim_text=`. Other layouts name their markers (`user_marker="[INST]", assistant_marker="[/INST]"` for LLaVA's
+    `mistral_instruct`).
     """
     for token in special_tokens:
         prompt = prompt.replace(token, "")
-    if "USER:" not in prompt:
+    if user_marker not in prompt:
         return [_clean_question(prompt, image_token)] * prompt.count(image_token)
-    pieces = prompt.split("USER:")
+    pieces = prompt.split(user_marker)
     turns = [("system", pieces[0].count(image_token), "")]
     for piece in pieces[1:]:
-        user, _, assistant = piece.partition("ASSISTANT:")
+        user, _, assistant = piece.partition(assistant_marker)
         turns.append(("user", user.count(image_token), _clean_question(user, image_token)))
         turns.append(("assistant", assistant.count(image_token), ""))
     return _assign_questions(turns)
@@ -607,7 +613,7 @@ class LlavaTrimProcessor(ProcessorMixin):
         self.image_seq_length = image_seq_length
         self.pad_token_id = pad_token_id
         super().__init__(
-            llava_image_processor(image_processor),
+            self._image_processor_for(image_processor),
             tokenizer,
             clip_tokenizer,
             chat_template=chat_template if chat_template is not None else VICUNA_V1_CHAT_TEMPLATE,
@@ -712,12 +718,17 @@ class LlavaTrimProcessor(ProcessorMixin):
         images_per_prompt = self._assign_images(images, prompts)
         # the tokenizer's `padding_side` (what pipelines batch with) unless this call names one
         padding_side = kwargs.get("padding_side") or kwargs.get("text_kwargs", {}).get("padding_side")
-        data = self._tokenize_prompts(
-            prompts, text_kwargs, return_tensors, padding_side or self.tokenizer.padding_side
-        )
         flat_images = [image for per_prompt in images_per_prompt for image in per_prompt]
+        image_data = self._preprocess_images(flat_images, images_kwargs) if flat_images else {}
+        data = self._tokenize_prompts(
+            prompts,
+            text_kwargs,
+            return_tensors,
+            padding_side or self.tokenizer.padding_side,
+            self._placeholder_counts(image_data, images_per_prompt),
+        )
         if flat_images:
-            data.update(self._preprocess_images(flat_images, images_kwargs))
+            data.update(image_data)
             data.update(self._tokenize_questions(prompts, images_per_prompt, trim_text))
         if not isinstance(trim_ratio, _Unset):
             data["trim_ratio"] = trim_ratio
@@ -773,8 +784,40 @@ class LlavaTrimProcessor(ProcessorMixin):
             start += count
         return per_prompt
 
-    def _tokenize_prompts(self, prompts: list[str], text_kwargs: dict, return_tensors, padding_side) -> dict:
-        """LLaVA's `tokenizer_image_token`: tokenise the text between placeholders separately, splice in the ids."""
+    def _image_processor_for(self, image_processor):
+        """The image processor this family uses, made from the one given (see [`llava_image_processor`])."""
+        return llava_image_processor(image_processor)
+
+    def _placeholder_counts(self, image_data: dict, images_per_prompt: list[list]) -> list[list[int]]:
+        """Placeholders of each image of each prompt: `image_seq_length` for LLaVA-1.5."""
+        return [[self.image_seq_length] * len(images) for images in images_per_prompt]
+
+    def _encode_prompt(
+        self, prompt: str, counts: list[int], add_special_tokens: bool, return_offsets: bool
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """One prompt's ids, with `counts[i]` placeholders for its i-th image, and each id's characters."""
+        ids, spans, start = [], [], 0
+        for index, chunk in enumerate(prompt.split(self.image_token)):
+            if index > 0:  # the placeholders stand for the image token's characters
+                ids += [self.image_token_id] * counts[index - 1]
+                spans += [(start, start + len(self.image_token))] * counts[index - 1]
+                start += len(self.image_token)
+            encoded = self.tokenizer(
+                chunk,
+                add_special_tokens=add_special_tokens and index == 0,
+                return_offsets_mapping=return_offsets,
+            )
+            ids += encoded["input_ids"]
+            if return_offsets:
+                spans += [(start + begin, start + end) for begin, end in encoded["offset_mapping"]]
+            start += len(chunk)
+        return ids, spans
+
+    def _tokenize_prompts(
+        self, prompts: list[str], text_kwargs: dict, return_tensors, padding_side, counts: list[list[int]]
+    ) -> dict:
+        """LLaVA's `tokenizer_image_token`: tokenise the text between placeholders separately, splice in `counts`
+        placeholder ids per image."""
         add_special_tokens = text_kwargs.pop("add_special_tokens", True)
         truncation = text_kwargs.pop("truncation", None)
         max_length = text_kwargs.pop("max_length", None)
@@ -791,22 +834,8 @@ class LlavaTrimProcessor(ProcessorMixin):
             raise ValueError(f"`padding_side` must be 'left' or 'right', got {padding_side!r}.")
 
         input_ids, offsets = [], []  # per prompt: token ids, and (start, end) characters of the prompt per token
-        for prompt in prompts:
-            ids, spans, start = [], [], 0
-            for index, chunk in enumerate(prompt.split(self.image_token)):
-                if index > 0:  # the placeholders stand for the image token's characters
-                    ids += [self.image_token_id] * self.image_seq_length
-                    spans += [(start, start + len(self.image_token))] * self.image_seq_length
-                    start += len(self.image_token)
-                encoded = self.tokenizer(
-                    chunk,
-                    add_special_tokens=add_special_tokens and index == 0,
-                    return_offsets_mapping=return_offsets,
-                )
-                ids += encoded["input_ids"]
-                if return_offsets:
-                    spans += [(start + begin, start + end) for begin, end in encoded["offset_mapping"]]
-                start += len(chunk)
+        for prompt, prompt_counts in zip(prompts, counts, strict=True):
+            ids, spans = self._encode_prompt(prompt, prompt_counts, add_special_tokens, return_offsets)
             input_ids.append(ids)
             offsets.append(spans)
 
@@ -817,7 +846,7 @@ class LlavaTrimProcessor(ProcessorMixin):
                 if ids[kept].count(self.image_token_id) != ids.count(self.image_token_id):
                     raise ValueError(
                         f"Prompt {row} is {len(ids)} tokens long and `max_length={limit}` cuts its image "
-                        f"({self.image_seq_length} placeholders): raise `max_length` or shorten the text."
+                        "(its placeholders): raise `max_length` or shorten the text."
                     )
                 input_ids[row], offsets[row] = ids[kept], offsets[row][kept]
 
@@ -884,7 +913,7 @@ class LlavaTrimProcessor(ProcessorMixin):
                 continue
             override = trim_text if isinstance(trim_text, str) or trim_text is None else trim_text[index]
             if override is None:
-                per_image = questions_from_prompt(prompt, self.image_token, special)
+                per_image = self._questions_from_prompt(prompt, special)
             elif isinstance(override, str):
                 per_image = [override] * len(images)
             else:
@@ -906,6 +935,10 @@ class LlavaTrimProcessor(ProcessorMixin):
             questions, padding="max_length", truncation=True, max_length=max_length, padding_side="right"
         )
         return {"trim_input_ids": encoded["input_ids"], "trim_attention_mask": encoded["attention_mask"]}
+
+    def _questions_from_prompt(self, prompt: str, special_tokens: tuple[str, ...]) -> list[str]:
+        """The question of each image of a raw prompt in this processor's chat layout ([`questions_from_prompt`])."""
+        return questions_from_prompt(prompt, self.image_token, special_tokens)
 
     # ------------------------------------------------------------------------------------------------ decoding
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
@@ -952,8 +985,194 @@ def add_image_token(tokenizer, image_token: str = "<image>") -> int:
     return tokenizer.convert_tokens_to_ids(image_token)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# LLaVA-NeXT (llava-v1.6, anyres)
+# ---------------------------------------------------------------------------------------------------------------------
+
+# LLaVA's `conv_mistral_instruct` (separator style LLAMA_2: sep "", sep2 "</s>", no default system sentence), the
+# conversation of `liuhaotian/llava-v1.6-mistral-7b`:
+# "[INST] <image>\n{question} [/INST] {answer} </s>[INST] {question} [/INST]".
+# A leading system message goes, wrapped in "<<SYS>>\n...\n<</SYS>>\n\n", in front of the first user turn. The
+# generation prompt adds nothing (the prompt already ends with "[/INST]").
+MISTRAL_INSTRUCT_CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for item in content -%}"
+    "{%- if item['type'] == 'image' -%}{{- '<image>\\n' -}}"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- set ns = namespace(system='') -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}"
+    "{%- else -%}{%- set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join('\\n') -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if loop.first and ns.system -%}{{- '[INST] <<SYS>>\\n' + ns.system + '\\n<</SYS>>\\n\\n' -}}"
+    "{%- else -%}{{- '[INST] ' -}}{%- endif -%}"
+    "{{- render(message['content']) + ' [/INST]' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- ' ' -}}"
+    "{%- generation -%}{{- render(message['content']) + ' </s>' -}}{%- endgeneration -%}"
+    "{%- else -%}{{- raise_exception('LLaVA chats have user and assistant turns (and one leading system "
+    "message), got role ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+# The conversation of each LLaVA-NeXT release: its chat template and the markers that open and close a user turn.
+NEXT_CONVERSATIONS = {
+    "vicuna_v1": (VICUNA_V1_CHAT_TEMPLATE, "USER:", "ASSISTANT:"),
+    "mistral_instruct": (MISTRAL_INSTRUCT_CHAT_TEMPLATE, "[INST]", "[/INST]"),
+}
+
+
+def llava_next_image_processor(image_processor, image_grid_pinpoints: list | None = None):
+    """
+    transformers' LLaVA-NeXT image processor (the overview plus the tiles of the best of `image_grid_pinpoints`,
+    `do_pad=True`) with the settings of a CLIP image processor, on the same backend. A LLaVA-NeXT image processor is
+    returned as it is.
+    """
+    name = type(image_processor).__name__
+    if name.startswith("LlavaNextImageProcessor"):
+        return image_processor
+    if not name.startswith("CLIPImageProcessor"):
+        raise ValueError(
+            f"Expected a CLIP or LLaVA-NeXT image processor, got {name}: load the one saved with the model "
+            "(`AutoImageProcessor.from_pretrained(folder)`)."
+        )
+    from transformers.models.llava_next.configuration_llava_next import LlavaNextConfig
+
+    settings = {key: value for key, value in image_processor.to_dict().items() if key != "image_processor_type"}
+    settings["image_grid_pinpoints"] = image_grid_pinpoints or LlavaNextConfig().image_grid_pinpoints
+    if isinstance(image_processor, PilBackend):
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        return LlavaNextImageProcessorPil(**settings, do_pad=True)
+    from transformers import LlavaNextImageProcessor
+
+    return LlavaNextImageProcessor(**settings, do_pad=True)
+
+
+class LlavaNextTrimProcessor(LlavaTrimProcessor):
+    r"""
+    Processor of [`LlavaNextTrimForConditionalGeneration`]: [`LlavaTrimProcessor`] (image decoding, prompt
+    tokenisation as LLaVA's `tokenizer_image_token`, each image's question for TRIM) with LLaVA-NeXT's images:
+
+    - transformers' LLaVA-NeXT image processor: an overview and the tiles of the best `image_grid_pinpoints`
+      resolution, `pixel_values` of shape `(num_images, max_crops, 3, 336, 336)` (zero-padded crops) and
+      `image_sizes` `(num_images, 2)`, each image's `(height, width)`.
+    - each `<image>` becomes as many placeholders as the image has positions natively (`576 + H * W + H`, as
+      `LlavaNextProcessor` counts them), and the text is tokenised as `LlavaNextProcessor` does (whole).
+    - `conversation`: `"vicuna_v1"` (`llava-v1.6-vicuna-*`, LLaVA-1.5's template) or `"mistral_instruct"`
+      (`llava-v1.6-mistral-7b`, LLaVA's `conv_mistral_instruct`): the chat template and how a raw prompt's user turns
+      are found.
+
+    Args:
+        image_processor ([`LlavaNextImageProcessorPil`] or [`CLIPImageProcessor`]): a CLIP one is turned into the
+            LLaVA-NeXT one with the same settings and LLaVA-NeXT's pinpoints.
+        tokenizer, clip_tokenizer, chat_template, image_token, image_seq_length: see [`LlavaTrimProcessor`].
+        conversation (`str`, *optional*, defaults to `"vicuna_v1"`): the LLaVA conversation of the checkpoint.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        clip_tokenizer=None,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
+        image_seq_length: int = 576,
+        conversation: str = "vicuna_v1",
+        **kwargs,
+    ):
+        if conversation not in NEXT_CONVERSATIONS:
+            raise ValueError(f"`conversation` must be one of {sorted(NEXT_CONVERSATIONS)}, got {conversation!r}.")
+        self.conversation = conversation
+        super().__init__(
+            image_processor,
+            tokenizer,
+            clip_tokenizer,
+            chat_template=chat_template if chat_template is not None else NEXT_CONVERSATIONS[conversation][0],
+            image_token=image_token,
+            image_seq_length=image_seq_length,
+            **kwargs,
+        )
+
+    def _image_processor_for(self, image_processor):
+        return llava_next_image_processor(image_processor)
+
+    def _preprocess_images(self, images: list, images_kwargs: dict) -> dict:
+        """Decode every image ([`load_image`]), then LLaVA-NeXT's image processor: crops and sizes."""
+        decoded = []
+        for index, image in enumerate(images):
+            try:
+                decoded.append(load_image(image))
+            except ValueError as error:
+                raise ValueError(f"Image {index} ({_describe_image(image)}): {error}") from None
+        outputs = self.image_processor(decoded, return_tensors="pt", **images_kwargs)
+        return {"pixel_values": outputs["pixel_values"], "image_sizes": outputs["image_sizes"]}
+
+    def _placeholder_counts(self, image_data: dict, images_per_prompt: list[list]) -> list[list[int]]:
+        """Each image's native positions, counted as `LlavaNextProcessor` does (overview, unpadded grid, newlines)."""
+        from transformers import LlavaNextProcessor
+
+        crop = image_data["pixel_values"].shape[-1] if image_data else 0
+        patch = crop // math.isqrt(self.image_seq_length) if image_data else 0
+        counts = iter(
+            LlavaNextProcessor._get_number_of_features(_NativeCounts(self, patch), height, width, crop, crop)
+            for height, width in (image_data["image_sizes"].tolist() if image_data else [])
+        )
+        return [[next(counts) for _ in images] for images in images_per_prompt]
+
+    def _encode_prompt(
+        self, prompt: str, counts: list[int], add_special_tokens: bool, return_offsets: bool
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """The whole prompt tokenised at once, each image token then repeated `counts[i]` times: the ids of
+        `LlavaNextProcessor` (which tokenises the expanded text; LLaVA's `tokenizer_image_token` would put a `"▁"`
+        before a text that follows an image)."""
+        encoded = self.tokenizer(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=return_offsets)
+        images = iter(counts)
+        ids, spans = [], []
+        for position, token in enumerate(encoded["input_ids"]):
+            copies = next(images) if token == self.image_token_id else 1
+            ids += [token] * copies
+            if return_offsets:
+                spans += [tuple(encoded["offset_mapping"][position])] * copies
+        return ids, spans
+
+    def _questions_from_prompt(self, prompt: str, special_tokens: tuple[str, ...]) -> list[str]:
+        _, user, assistant = NEXT_CONVERSATIONS[self.conversation]
+        prompt = re.sub(r"<<SYS>>\n.*?\n<</SYS>>\n\n", "", prompt, flags=re.DOTALL)
+        return questions_from_prompt(prompt, self.image_token, special_tokens, user, assistant)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return [*super().model_input_names, "image_sizes"]
+
+
+class _NativeCounts:
+    """What `LlavaNextProcessor._get_number_of_features` reads from its processor (no CLS among the patches)."""
+
+    def __init__(self, processor: LlavaNextTrimProcessor, patch_size: int):
+        from transformers import LlavaNextProcessor
+
+        self.image_processor, self.patch_size, self.num_additional_image_tokens = (
+            processor.image_processor,
+            patch_size,
+            0,
+        )
+        self._get_unpadded_features = LlavaNextProcessor._get_unpadded_features.__get__(self)
+
+
 __all__ = [
     "LLAVA_V1_SYSTEM",
+    "MISTRAL_INSTRUCT_CHAT_TEMPLATE",
+    "LlavaNextTrimProcessor",
+    "llava_next_image_processor",
     "VICUNA_V1_CHAT_TEMPLATE",
     "VICUNA_V1_SYSTEM",
     "LlavaTrimProcessor",

@@ -72,6 +72,11 @@ class SourceLayout:
 
     description: str
     rules: Rules
+    family = "llava"  # "llava" (LLaVA-1.5) or "llava_next" (LLaVA-NeXT, anyres)
+
+    def next_settings(self, config: dict) -> dict:
+        """LLaVA-NeXT only: `image_grid_pinpoints` and the LLaVA `conversation` of the checkpoint."""
+        return {}
 
     def check(self, config: dict, folder: Path) -> None:
         """Refuse settings this model cannot represent, naming them."""
@@ -227,12 +232,109 @@ class LlavaHfLayout(SourceLayout):
         return dict(config["text_config"])
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# LLaVA-NeXT (llava-v1.6, anyres): the same tensors plus `image_newline`, the grid pinpoints, Llama or Mistral LLMs
+# ---------------------------------------------------------------------------------------------------------------------
+
+NEXT_TEXT_MODELS = {"llama": "vicuna_v1", "mistral": "mistral_instruct"}  # language model -> LLaVA conversation
+_NEWLINE = (r"(?:model\.)?image_newline()", ("model.image_newline{}",))
+# the Mistral fields an original `llava_mistral` config.json holds at its top level, besides the Llama ones
+MISTRAL_FIELDS = ("sliding_window",)
+
+
+def _check_pinpoints(pinpoints, folder: Path) -> None:
+    valid = (
+        isinstance(pinpoints, list)
+        and pinpoints
+        and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) and x > 0 for x in p)
+            for p in pinpoints
+        )
+    )
+    if not valid:
+        raise ConversionError(
+            f"{folder} has image_grid_pinpoints={pinpoints!r}; LLaVA-NeXT needs a list of [height, width] "
+            "resolutions such as [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]."
+        )
+
+
+class OriginalLlavaNextLayout(OriginalLlavaLayout):
+    """The LLaVA repository's llava-v1.6 format (`liuhaotian/llava-v1.6-vicuna-7b`, `-mistral-7b`): LLaVA-1.5's
+    tensors (the fine-tuned vision tower embedded), `model.image_newline`, `image_aspect_ratio: anyres`,
+    `mm_patch_merge_type: spatial_unpad` and `image_grid_pinpoints`."""
+
+    description = "original LLaVA-NeXT repository layout"
+    family = "llava_next"
+    rules: Rules = (*OriginalLlavaLayout.rules, _NEWLINE)
+    architectures = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
+
+    def check(self, config: dict, folder: Path) -> None:
+        architectures = config.get("architectures") or []
+        if not architectures or any(a not in self.architectures for a in architectures):
+            raise ConversionError(
+                f"{folder} is a LLaVA-NeXT checkpoint with architectures={architectures}; only "
+                f"{' and '.join(self.architectures)} (llava-v1.6 Vicuna and Mistral) are supported."
+            )
+        aspect, merge = config.get("image_aspect_ratio"), config.get("mm_patch_merge_type", "flat")
+        if aspect != "anyres" or merge != "spatial_unpad":
+            raise ConversionError(
+                f"{folder} uses image_aspect_ratio={aspect!r} / mm_patch_merge_type={merge!r}; LLaVA-NeXT is "
+                "supported as released: 'anyres' with 'spatial_unpad'."
+            )
+        _check_pinpoints(config.get("image_grid_pinpoints"), folder)
+        super().check({**config, "model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"],
+                       "image_aspect_ratio": "pad", "mm_patch_merge_type": "flat"}, folder)  # fmt: skip
+
+    def text_config(self, config: dict) -> dict:
+        text_model = self.architectures[(config.get("architectures") or ["LlavaLlamaForCausalLM"])[0]]
+        fields = LLAMA_FIELDS + (MISTRAL_FIELDS if text_model == "mistral" else ())
+        return {"model_type": text_model, **{key: config[key] for key in fields if config.get(key) is not None}}
+
+    def next_settings(self, config: dict) -> dict:
+        text_model = self.architectures[(config.get("architectures") or ["LlavaLlamaForCausalLM"])[0]]
+        return {"image_grid_pinpoints": config["image_grid_pinpoints"], "conversation": NEXT_TEXT_MODELS[text_model]}
+
+
+class LlavaNextHfLayout(LlavaHfLayout):
+    """transformers' `LlavaNextForConditionalGeneration` (`llava-hf/llava-v1.6-vicuna-7b-hf`, `-13b-hf`,
+    `llava-v1.6-mistral-7b-hf`): the Llava names plus `image_newline`, `image_grid_pinpoints`."""
+
+    description = "transformers LlavaNext layout"
+    family = "llava_next"
+    rules: Rules = (*LlavaHfLayout.rules, _NEWLINE)
+
+    def check(self, config: dict, folder: Path) -> None:
+        text_type = (config.get("text_config") or {}).get("model_type", "llama")
+        if text_type not in NEXT_TEXT_MODELS:
+            raise ConversionError(
+                f"{folder} has a {text_type!r} language model; LLaVA-NeXT is supported with Llama (Vicuna) and "
+                "Mistral language models."
+            )
+        super().check({**config, "text_config": {**(config.get("text_config") or {}), "model_type": "llama"}}, folder)
+        _check_pinpoints(config.get("image_grid_pinpoints", [[336, 672]]), folder)
+
+    def next_settings(self, config: dict) -> dict:
+        from transformers import LlavaNextConfig
+
+        text_type = (config.get("text_config") or {}).get("model_type", "llama")
+        pinpoints = config.get("image_grid_pinpoints") or LlavaNextConfig().image_grid_pinpoints
+        return {"image_grid_pinpoints": pinpoints, "conversation": NEXT_TEXT_MODELS[text_type]}
+
+
 ORIGINAL_LLAVA = OriginalLlavaLayout()
 LLAVA_HF = LlavaHfLayout()
+ORIGINAL_LLAVA_NEXT = OriginalLlavaNextLayout()
+LLAVA_NEXT_HF = LlavaNextHfLayout()
 
 
 def detect_layout(config: dict) -> SourceLayout:
-    """`LLAVA_HF` for a transformers Llava config, else `ORIGINAL_LLAVA` (whose `check` refuses what it is not)."""
-    if "text_config" in config or "LlavaForConditionalGeneration" in (config.get("architectures") or []):
+    """`LLAVA_NEXT_HF` / `LLAVA_HF` for a transformers LLaVA-NeXT / Llava config, `ORIGINAL_LLAVA_NEXT` for an
+    original `anyres` one, else `ORIGINAL_LLAVA` (each layout's `check` refuses what it is not)."""
+    architectures = config.get("architectures") or []
+    if config.get("model_type") == "llava_next" or "LlavaNextForConditionalGeneration" in architectures:
+        return LLAVA_NEXT_HF
+    if "text_config" in config or "LlavaForConditionalGeneration" in architectures:
         return LLAVA_HF
+    if "anyres" in str(config.get("image_aspect_ratio", "")):
+        return ORIGINAL_LLAVA_NEXT
     return ORIGINAL_LLAVA

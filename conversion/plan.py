@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..configuration_llava_trim import LlavaTrimConfig
+from ..configuration_llava_trim import LlavaNextTrimConfig, LlavaTrimConfig
 from . import ConversionError
 from .layouts import CLIP_RULES, EMBED_KEY, LM_HEAD_KEY, Rules, map_key
 from .sources import IMAGE_TOKEN, PAD_TOKEN, ClipSource, LlavaSource, load_llama_tokenizer
@@ -99,8 +99,8 @@ def plan_conversion(
         dtype,
         keep_in_fp32,
         origin=", ".join(map(str, llava.folders)),
-        hint="This is not a LLaVA-1.5 checkpoint in a supported layout (original, TRIM or llava-hf); nothing was "
-        "converted.",
+        hint="This is not a LLaVA-1.5 or LLaVA-NeXT checkpoint in a supported layout (original, TRIM or llava-hf); "
+        "nothing was converted.",
     )
     from_clip = map_tensors(
         clip_tensors,
@@ -168,9 +168,15 @@ def build_config(
     for key in ("architectures", "torch_dtype", "dtype", "_name_or_path", "transformers_version"):
         text_config.pop(key, None)
     text_config.update(
-        model_type="llama", vocab_size=vocabulary.size, pad_token_id=vocabulary.pad_token_id, tie_word_embeddings=False
+        model_type=text_config.get("model_type", "llama"),
+        vocab_size=vocabulary.size,
+        pad_token_id=vocabulary.pad_token_id,
+        tie_word_embeddings=False,
     )
-    config = LlavaTrimConfig(
+    next_settings = llava.layout.next_settings(llava.config)
+    config_class = LlavaNextTrimConfig if next_settings else LlavaTrimConfig
+    extra = {"image_grid_pinpoints": next_settings["image_grid_pinpoints"]} if next_settings else {}
+    config = config_class(
         vision_config=vision_config,
         text_config=text_config,
         clip_text_config=clip.config.text_config.to_dict(),
@@ -183,9 +189,10 @@ def build_config(
         multimodal_projector_bias=True,
         tie_word_embeddings=False,
         trim_ratio=trim_ratio,
+        **extra,
     )
     config.dtype = dtype
-    config.architectures = ["LlavaTrimForConditionalGeneration"]
+    config.architectures = [config_class.__name__.removesuffix("Config") + "ForConditionalGeneration"]
     return config
 
 
@@ -194,10 +201,15 @@ def meta_model_weights(config: LlavaTrimConfig) -> tuple[dict[str, tuple[int, ..
     Names and shapes of the model's weights, from a model built on the meta device (no memory), and the names of the
     modules it keeps in float32 whatever its dtype (`_keep_in_fp32_modules`: TRIM's projections).
     """
-    from ..modeling_llava_trim import LlavaTrimForConditionalGeneration
+    from ..modeling_llava_trim import LlavaNextTrimForConditionalGeneration, LlavaTrimForConditionalGeneration
 
+    model_class = (
+        LlavaNextTrimForConditionalGeneration
+        if isinstance(config, LlavaNextTrimConfig)
+        else LlavaTrimForConditionalGeneration
+    )
     with torch.device("meta"):
-        model = LlavaTrimForConditionalGeneration(config)
+        model = model_class(config)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     return shapes, list(getattr(model, "_keep_in_fp32_modules", None) or [])
 

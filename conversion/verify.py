@@ -57,8 +57,7 @@ def verify_output(plan: ConversionPlan, folder: Path) -> dict:
     check_saved_clip_tokenizer(plan, folder, processor)
     print(f"verify: the CLIP tokenizer gives back {ROUND_TRIP_QUESTION!r}")
 
-    logits, kept = forward_once(model, processor)
-    image_tokens = plan.config.image_seq_length
+    logits, kept, image_tokens = forward_once(model, processor)
     trim_note = f"TRIM kept {kept}/{image_tokens} image tokens" if kept is not None else "TRIM off"
     print(f"verify: forward pass OK: logits {tuple(logits.shape)}, finite; {trim_note}")
     return {
@@ -117,8 +116,9 @@ def check_saved_clip_tokenizer(plan: ConversionPlan, folder: Path, processor) ->
         )
 
 
-def forward_once(model, processor) -> tuple[torch.Tensor, int | None]:
-    """One forward pass on a drawn image with a question: the logits (checked finite) and TRIM's kept count."""
+def forward_once(model, processor) -> tuple[torch.Tensor, int | None, int]:
+    """One forward pass on a drawn image with a question: the logits (checked finite), TRIM's kept count and the
+    image's placeholders before reduction."""
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (480, 360), (70, 130, 200))
@@ -133,7 +133,7 @@ def forward_once(model, processor) -> tuple[torch.Tensor, int | None]:
         raise ConversionError("Verification failed: the forward pass gave non-finite logits.")
     selection = output.trim_selection
     kept = int(selection.num_kept[0]) if selection is not None and selection.trim_ratio is not None else None
-    return output.logits, kept
+    return output.logits, kept, int((inputs["input_ids"] == processor.image_token_id).sum())
 
 
 class _OutputWeights:

@@ -173,10 +173,11 @@ def package_file(name: str) -> Path:
 
 def write_config(plan: ConversionPlan, folder: Path) -> None:
     """`config.json` with `auto_map`, and the three code files the map points to."""
+    family = "LlavaNextTrim" if plan.llava.layout.family == "llava_next" else "LlavaTrim"
     plan.config.auto_map = {
-        "AutoConfig": "configuration_llava_trim.LlavaTrimConfig",
-        "AutoModel": "modeling_llava_trim.LlavaTrimModel",
-        "AutoModelForImageTextToText": "modeling_llava_trim.LlavaTrimForConditionalGeneration",
+        "AutoConfig": f"configuration_llava_trim.{family}Config",
+        "AutoModel": f"modeling_llava_trim.{family}Model",
+        "AutoModelForImageTextToText": f"modeling_llava_trim.{family}ForConditionalGeneration",
     }
     plan.config.save_pretrained(folder)
     # transformers records the version that wrote the file; the repository needs the oldest its code runs on
@@ -220,16 +221,23 @@ def write_generation_config(plan: ConversionPlan, folder: Path) -> None:
 
 def write_processor(plan: ConversionPlan, folder: Path) -> None:
     """The `LlavaTrimProcessor`: Llama tokenizer (with `<image>`, `<pad>`), CLIP tokenizer, CLIP image processor."""
-    from ..processing_llava_trim import LlavaTrimProcessor
+    from ..processing_llava_trim import LlavaNextTrimProcessor, LlavaTrimProcessor, llava_next_image_processor
 
-    processor = LlavaTrimProcessor(
-        image_processor=plan.clip.image_processor,
+    settings = plan.llava.layout.next_settings(plan.llava.config)
+    processor_class, image_processor, extra = LlavaTrimProcessor, plan.clip.image_processor, {}
+    if settings:  # LLaVA-NeXT: CLIP's image settings with the model's pinpoints, the checkpoint's conversation
+        processor_class = LlavaNextTrimProcessor
+        image_processor = llava_next_image_processor(image_processor, settings["image_grid_pinpoints"])
+        extra = {"conversation": settings["conversation"]}
+    processor = processor_class(
+        image_processor=image_processor,
         tokenizer=plan.tokenizer,
         clip_tokenizer=plan.clip.tokenizer,
         image_token=IMAGE_TOKEN,
         image_seq_length=plan.config.image_seq_length,
+        **extra,
     )
-    LlavaTrimProcessor.register_for_auto_class("AutoProcessor")
+    processor_class.register_for_auto_class("AutoProcessor")
     processor.save_pretrained(folder)
 
 
@@ -257,16 +265,20 @@ def write_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     license_name = license_name or _card_metadata(plan.llava.folder).get("license") or "llama2"
+    next_family = plan.llava.layout.family == "llava_next"
     metadata = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
         license=license_name,
         base_model=(base_models[0] if len(base_models) == 1 else base_models) or None,
-        tags=["llava", "llava-1.5", "trim", "token-reduction", "clip", "vision-language", "custom_code"],
-    )
+        tags=["llava", "llava-next" if next_family else "llava-1.5", "trim", "token-reduction", "clip",
+              "vision-language", "custom_code"],
+    )  # fmt: skip
     config = plan.config
-    trim = {None: "off (plain LLaVA-1.5)", -1: "-1 (automatic: interquartile-range outliers)"}.get(
-        config.trim_ratio, f"{config.trim_ratio} (fixed fraction of the {config.image_seq_length} image tokens)"
+    family = "LLaVA-NeXT (llava-v1.6)" if next_family else "LLaVA-1.5"
+    counted = "candidate" if next_family else config.image_seq_length
+    trim = {None: f"off (plain {family})", -1: "-1 (automatic: interquartile-range outliers)"}.get(
+        config.trim_ratio, f"{config.trim_ratio} (fixed fraction of the {counted} image tokens)"
     )
     dtype_name = str(plan.dtype).removeprefix("torch.")
     source_dtype = str(plan.source_dtype).removeprefix("torch.")
@@ -277,6 +289,13 @@ def write_model_card(
         title=Path(model_id).name,
         model_id=model_id,
         image_tokens=config.image_seq_length,
+        family=family,
+        image_tokens_text=(
+            f"{config.image_seq_length} overview and up to "
+            f"{max(h * w for h, w in config.image_grid_pinpoints) // config.vision_config.patch_size**2} tile"
+            if next_family
+            else str(config.image_seq_length)
+        ),
         sources=", ".join(f"`{name}` ({ROLES[flag]})" for flag, name in names.items()),
         clip=plan.clip.name,
         dtype=dtype_name,

@@ -11,9 +11,13 @@
 The weights are random, so the answer is nonsense by design; the point is the whole path. With network, the same
 steps run on real checkpoints (`--llava liuhaotian/llava-v1.5-7b`): see the README.
 
+`--family next` does the same with a tiny LLaVA-NeXT (`liuhaotian/llava-v1.6-vicuna-7b` layout: an overview and up
+to four tiles, up to 2,928 image positions).
+
 ```bash
 python -m llava_trim.tools.demo               # everything in a temporary folder, removed afterwards
 python -m llava_trim.tools.demo --keep ./demo-output
+python -m llava_trim.tools.demo --family next # LLaVA-NeXT (`make demo-next`)
 ```
 """
 
@@ -52,19 +56,24 @@ def _step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
-def build_and_convert(workdir: Path) -> Path:
+def build_and_convert(workdir: Path, family: str = "llava") -> Path:
     """Steps 1 and 2: tiny sources in `workdir`, converted by `convert_checkpoint.py` in a subprocess."""
     from .tiny_checkpoints import build_original_llava, build_tiny_clip
+    from .tiny_next import build_original_llava_next
 
-    _step("1/3 Building a tiny random LLaVA-1.5 checkpoint (original liuhaotian format) and a tiny CLIP, offline")
+    name = "LLaVA-NeXT" if family == "next" else "LLaVA-1.5"
+    _step(f"1/3 Building a tiny random {name} checkpoint (original liuhaotian format) and a tiny CLIP, offline")
     clip_dir = build_tiny_clip(workdir / "clip-vit-large-patch14-336")
-    llava_dir = build_original_llava(workdir / "llava-v1.5-7b")
+    if family == "next":
+        llava_dir = build_original_llava_next(workdir / "llava-v1.6-vicuna-7b", clip_dir)
+    else:
+        llava_dir = build_original_llava(workdir / "llava-v1.5-7b")
     for folder in (llava_dir, clip_dir):
         files = sorted(p.name for p in folder.iterdir())
         print(f"{folder}: {', '.join(files)}")
 
     _step("2/3 Converting with convert_checkpoint.py")
-    output = workdir / "llava-v1.5-7b-trim"
+    output = workdir / f"{llava_dir.name}-trim"
     command = [
         sys.executable,
         "-m",
@@ -102,9 +111,10 @@ def run_converted(model_dir: Path, question: str = QUESTION, repeats: int = 5) -
     )
     selection = model.select_image_tokens(**inputs)
     kept = selection.num_kept.tolist()
+    newlines = "" if selection.num_newlines is None else f", {selection.num_newlines.tolist()} newline(s)"
     print(
         f"TRIM (trim_ratio={model.config.trim_ratio}) kept {kept} image token(s) per image out of "
-        f"{selection.num_patches}, plus one aggregate token each"
+        f"{selection.candidates_per_image.tolist()}{newlines}, plus one aggregate token each"
     )
 
     def median_ms(run) -> float:
@@ -127,6 +137,7 @@ def run_converted(model_dir: Path, question: str = QUESTION, repeats: int = 5) -
                 inputs["trim_input_ids"],
                 inputs["trim_attention_mask"],
                 trim_ratio=trim_ratio,
+                image_sizes=inputs.get("image_sizes"),
             )
             sequence = trimmed.sequence
             # the language model's input: token embeddings with the trimmed image features in the placeholders
@@ -163,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--keep", type=Path, default=None, help="Folder to build in and keep (e.g. ./demo-output).")
     parser.add_argument("--question", default=QUESTION, help=f"Question about the image (e.g. {QUESTION!r}).")
+    parser.add_argument(
+        "--family", choices=["llava", "next"], default="llava", help="LLaVA-1.5 (llava, default) or LLaVA-NeXT (next)."
+    )
     parser.add_argument("--run", type=Path, default=None, help=argparse.SUPPRESS)  # step 3 only, in a fresh process
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -175,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.keep is not None and workdir.exists() and any(workdir.iterdir()):
             parser.error(f"--keep {workdir} exists and is not empty: pass a new folder.")
         workdir.mkdir(parents=True, exist_ok=True)
-        output = build_and_convert(workdir)
+        output = build_and_convert(workdir, args.family)
         command = [sys.executable, "-m", "llava_trim.tools.demo", "--run", str(output), "--question", args.question]
         subprocess.run(command, check=True)
     print("\nDone." + (f" Files kept in {workdir}." if args.keep is not None else ""))

@@ -287,6 +287,82 @@ def draw_selection_strip(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# LLaVA-NeXT: the overview and the unpadded tile grid (docs/trim.md section 8)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _draw_rect_panel(view: Image.Image, keep: np.ndarray, scale: int) -> Image.Image:
+    """`view` enlarged `scale` times with the patches where `keep` (rows, columns) is False dimmed."""
+    rows, columns = keep.shape
+    width, height = view.width * scale, view.height * scale
+    pixels = np.asarray(view.resize((width, height), Image.Resampling.NEAREST), dtype=np.float32)  # (H, W, 3)
+    pruned = ~keep[(np.arange(height) * rows // height)[:, None], (np.arange(width) * columns // width)[None, :]]
+    shade = np.asarray(PRUNED_SHADE, dtype=np.float32)
+    pixels[pruned] = pixels[pruned] * (1 - PRUNED_OPACITY) + shade * PRUNED_OPACITY
+    return Image.fromarray(pixels.round().astype(np.uint8), mode="RGB")
+
+
+def anyres_views(model, pixel_values: torch.Tensor, image_size, image_processor) -> tuple[Image.Image, Image.Image]:
+    """A LLaVA-NeXT image as its vision tower saw it: the 336 px overview, and the tiles put back together with the
+    padding rows and columns removed (the unpadded grid whose patches TRIM chooses from besides the overview's)."""
+    mean, std = image_processor.image_mean, image_processor.image_std
+    layout = model.model._layouts(torch.as_tensor([list(image_size)]))[0]
+    patch = model.config.vision_config.patch_size
+    overview = pixel_values_to_image(pixel_values[0], mean, std)
+    (tiles_high, tiles_wide), (row0, column0) = layout.tiles, layout.grid_offset
+    tiles = [pixel_values_to_image(crop, mean, std) for crop in pixel_values[1 : layout.num_crops]]
+    canvas = Image.new("RGB", (tiles_wide * overview.width, tiles_high * overview.height))
+    for index, crop in enumerate(tiles):
+        canvas.paste(crop, ((index % tiles_wide) * crop.width, (index // tiles_wide) * crop.height))
+    rows, columns = layout.grid_shape
+    box = (column0 * patch, row0 * patch, (column0 + columns) * patch, (row0 + rows) * patch)
+    return overview, canvas.crop(box)
+
+
+def draw_anyres_kept_patches(
+    overview: Image.Image,
+    grid_view: Image.Image,
+    keep_mask: torch.Tensor | np.ndarray,
+    grid_shape: tuple[int, int],
+    label: str | None = None,
+    question: str | None = None,
+    scale: int = 1,
+    gap: int = 8,
+    font_size: int | None = None,
+    patch_size: int = 14,
+) -> Image.Image:
+    """
+    One LLaVA-NeXT selection: the overview (its 576 patches, raster order) beside the unpadded tile grid (its
+    `H x W` patches, rows top to bottom), pruned patches dimmed, with the count ("kept / candidates") below.
+
+    Args:
+        overview, grid_view (`PIL.Image.Image`): [`anyres_views`]'s pictures.
+        keep_mask (`torch.BoolTensor`): one row of `TrimSelection.keep_mask` (padding beyond the candidates ignored).
+        grid_shape (`tuple[int, int]`): `(H, W)` of the unpadded grid.
+        label, question, scale, gap, font_size: as for [`draw_kept_patches`].
+        patch_size (`int`, *optional*, defaults to 14): pixels per patch side in the views.
+    """
+    keep = np.asarray(keep_mask.detach().cpu() if isinstance(keep_mask, torch.Tensor) else keep_mask, dtype=bool)
+    side = overview.width // patch_size
+    rows, columns = grid_shape
+    overview_keep, grid_keep = keep[: side * side], keep[side * side : side * side + rows * columns]
+    panels = [
+        _draw_rect_panel(overview, overview_keep.reshape(side, side), scale),
+        _draw_rect_panel(grid_view, grid_keep.reshape(rows, columns), scale),
+    ]
+    width = panels[0].width + gap + panels[1].width
+    row = Image.new("RGB", (width, max(panel.height for panel in panels)), BACKGROUND)
+    row.paste(panels[0], (0, 0))
+    row.paste(panels[1], (panels[0].width + gap, 0))
+    font_size = font_size or 6 + 5 * scale
+    count = format_count(int(overview_keep.sum() + grid_keep.sum()), side * side + rows * columns)
+    lines = [(f"{label}: {count}" if label else count, _font(round(font_size * 1.2)))]
+    if question:
+        lines.append((question, _font(font_size)))
+    return _stack(row, _caption(lines, width, padding=font_size // 2 + 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # From a model folder
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -313,13 +389,17 @@ def select_for_ratios(
 
     Returns:
         `(view, keep_masks)`: the image exactly as the vision tower received it (from `pixel_values`) and, per mode,
-        the `(num_patches,)` keep mask (`None` mode: everything kept).
+        the `(num_patches,)` keep mask (`None` mode: everything kept). For LLaVA-NeXT `view` is [`anyres_views`]'s
+        `(overview, grid_view)`.
     """
     kwargs = {"add_generation_prompt": True, "tokenize": True, "return_dict": True, "return_tensors": "pt"}
     inputs = processor.apply_chat_template(single_turn_messages(question, image), trim_text=trim_text, **kwargs)
     inputs = inputs.to(model.device)
     image_processor = processor.image_processor
-    view = pixel_values_to_image(inputs["pixel_values"][0], image_processor.image_mean, image_processor.image_std)
+    if inputs["pixel_values"].ndim == 5:  # LLaVA-NeXT: the overview and the unpadded tile grid
+        view = anyres_views(model, inputs["pixel_values"][0].cpu(), inputs["image_sizes"][0].tolist(), image_processor)
+    else:
+        view = pixel_values_to_image(inputs["pixel_values"][0], image_processor.image_mean, image_processor.image_std)
     keep_masks = []
     for trim_ratio in trim_ratios:
         selection = model.select_image_tokens(**inputs, trim_ratio=trim_ratio)
@@ -386,7 +466,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--model: could not load {args.model!r}: {reason}") from None
     view, keep_masks = select_for_ratios(model, processor, image, args.question, trim_ratios, args.trim_text)
     labels = [setting_label(trim_ratio) for trim_ratio in trim_ratios]
-    if len(keep_masks) == 1:
+    if isinstance(view, tuple):  # LLaVA-NeXT: one row per mode, the overview beside the tile grid
+        grid_shape = (view[1].height // model.config.vision_config.patch_size,
+                      view[1].width // model.config.vision_config.patch_size)  # fmt: skip
+        rows = [draw_anyres_kept_patches(*view, mask, grid_shape, label, scale=args.scale or 1)
+                for mask, label in zip(keep_masks, labels, strict=True)]  # fmt: skip
+        candidates = model.config.image_seq_length + grid_shape[0] * grid_shape[1]
+        picture = rows[0]
+        for row in rows[1:]:
+            picture = _stack(picture, row)
+        picture = _stack(picture, _caption([(args.question, _font(11))], picture.width, padding=7))
+    elif len(keep_masks) == 1:
         picture = draw_kept_patches(
             view, keep_masks[0], args.question, labels[0], args.scale or 2, processor.image_processor
         )
@@ -405,13 +495,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         partial.unlink(missing_ok=True)
         raise SystemExit(f"--output: cannot write {output} ({error.strerror or error})") from None
     for label, mask in zip(labels, keep_masks, strict=True):
-        print(f"{label}: {format_count(int(mask.sum()), mask.shape[0])}")
+        total = mask.shape[0] if not isinstance(view, tuple) else candidates
+        print(f"{label}: {format_count(int(mask.sum()), total)}")
     print(f"Wrote {output}")
     return 0
 
 
 __all__ = [
+    "anyres_views",
     "default_image_processor",
+    "draw_anyres_kept_patches",
     "draw_kept_patches",
     "draw_selection_strip",
     "model_view",

@@ -100,8 +100,9 @@ def generate_answers(
     selection = outputs.get("trim_selection") if images is not None else None
     if selection is not None:
         num_kept, image_tokens = selection.num_kept.tolist(), selection.tokens_per_image.tolist()
+        candidates = selection.candidates_per_image.tolist()  # 576 for LLaVA-1.5; per image for LLaVA-NeXT
         for row, answer in enumerate(answers):
-            answer.update(num_kept=num_kept[row], num_patches=selection.num_patches, image_tokens=image_tokens[row])
+            answer.update(num_kept=num_kept[row], num_patches=candidates[row], image_tokens=image_tokens[row])
     first_token = timer.first_token_time if timer.first_token_time is not None else end
     return answers, {"batch_seconds": end - start, "ttft_seconds": first_token - start}
 
