@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from llava_trim.tools.tiny_checkpoints import TINY_VISION, build_original_llava, build_tiny_clip
+from llava_trim.testing_utils.tiny_checkpoints import TINY_VISION, build_original_llava, build_tiny_clip
 
 
 def llava_7b_like_shapes(size_bytes: float, vocab_size: int = 32000) -> tuple[dict, dict[str, tuple[int, ...]]]:

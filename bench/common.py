@@ -32,7 +32,7 @@ from transformers import LlavaForConditionalGeneration, StoppingCriteria, Stoppi
 
 from llava_trim.configuration_llava_trim import LlavaTrimConfig
 from llava_trim.modeling_llava_trim import LlavaTrimForConditionalGeneration
-from llava_trim.tools.tiny import native_llava_config
+from llava_trim.testing_utils.tiny import native_llava_config
 
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 RESULTS_HEADER = (
@@ -188,9 +188,9 @@ def build_models(
 ) -> tuple[LlavaTrimForConditionalGeneration, LlavaForConditionalGeneration]:
     """A random `LlavaTrimForConditionalGeneration` and the native `LlavaForConditionalGeneration` sharing its weights.
 
-    The native model is built like `llava_trim.tools.tiny.native_llava` but its parameters are the very tensors of
-    ours (no copy), so that a 7B pair fits on one GPU. TRIM's two projections stay in float32, as `from_pretrained`
-    keeps them (`_keep_in_fp32_modules`).
+    The native model is built like `llava_trim.testing_utils.tiny.native_llava` but its parameters are the very
+    tensors of ours (no copy), so that a 7B pair fits on one GPU. TRIM's two projections stay in float32, as
+    `from_pretrained` keeps them (`_keep_in_fp32_modules`).
     """
     torch.manual_seed(seed)
     config = build_config(shape)

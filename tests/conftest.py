@@ -8,8 +8,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from llava_trim.tools.tiny import tiny_model  # noqa: E402
-from llava_trim.tools.tiny_tokenizers import build_tiny_processor  # noqa: E402
+from llava_trim.testing_utils.tiny import tiny_model  # noqa: E402
+from llava_trim.testing_utils.tiny_tokenizers import build_tiny_processor  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from PIL import Image
 
 import llava_trim.processing_llava_trim as processing
 from llava_trim.processing_llava_trim import bounded_pad_and_resize, llava_image_processor, load_image
-from llava_trim.tools.tiny_tokenizers import build_clip_image_processor, build_tiny_processor
+from llava_trim.testing_utils.tiny_tokenizers import build_clip_image_processor, build_tiny_processor
 
 ORDER_TOLERANCE = 2  # levels: see the module docstring
 SWAPPED_SMOOTH_TOLERANCE = 2
@@ -117,7 +117,7 @@ def test_a_40000_x_20_image_takes_bounded_memory_and_time(tmp_path):
         f"""
         import resource, time
         from PIL import Image
-        from llava_trim.tools.tiny_tokenizers import build_tiny_processor
+        from llava_trim.testing_utils.tiny_tokenizers import build_tiny_processor
         processor = build_tiny_processor()
         processor(images=Image.new("RGB", (30, 20)), text="<image>\\nq", return_tensors="pt")  # imports, caches
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, the peak so far

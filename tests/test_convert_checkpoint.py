@@ -41,7 +41,7 @@ from llava_trim.convert_checkpoint import (
     parse_size,
     trim_ratio_from_source,
 )
-from llava_trim.tools.tiny_checkpoints import (
+from llava_trim.testing_utils.tiny_checkpoints import (
     PERTURBED_CLIP_TENSORS,
     TRIM_EMBEDDED_CLIP_PREFIXES,
     build_all,
@@ -944,7 +944,7 @@ def test_language_model_plus_projector_default_dtype_and_model_card(sources, tmp
 
 def test_lossy_cast_is_reported(sources, tmp_path, caplog):
     """A projector value that float16 cannot hold is named in a warning (no silent change)."""
-    from llava_trim.tools.tiny_checkpoints import build_llava_pretrain_projector
+    from llava_trim.testing_utils.tiny_checkpoints import build_llava_pretrain_projector
 
     projector = build_llava_pretrain_projector(tmp_path / "projector")
     state = torch.load(projector / "mm_projector.bin", weights_only=True)

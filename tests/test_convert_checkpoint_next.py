@@ -13,8 +13,8 @@ from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaNextForConditionalGeneration
 
 from llava_trim.convert_checkpoint import main
-from llava_trim.tools.tiny_checkpoints import build_llama_tokenizer, build_tiny_clip, load_clip_state_dict
-from llava_trim.tools.tiny_next import build_llava_next_hf, build_original_llava_next
+from llava_trim.testing_utils.tiny_checkpoints import build_llama_tokenizer, build_tiny_clip, load_clip_state_dict
+from llava_trim.testing_utils.tiny_next import build_llava_next_hf, build_original_llava_next
 
 IMAGE_ID = 1000
 

@@ -6,10 +6,10 @@ import pytest
 from PIL import Image
 from test_evaluate import cli_args, dataset, read_jsonl  # noqa: F401  (the `dataset` fixture)
 
+from llava_trim.testing_utils.tiny_next import build_tiny_next_processor, tiny_next_model
 from llava_trim.tools.evaluate import main
 from llava_trim.tools.evaluation.generation import build_prompt
 from llava_trim.tools.loading import load_model_and_processor
-from llava_trim.tools.tiny_next import build_tiny_next_processor, tiny_next_model
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,12 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 
+from llava_trim.testing_utils.tiny import TINY_IMAGE_TOKEN_ID, TINY_LLAMA, tiny_model
+from llava_trim.testing_utils.tiny_tokenizers import (
+    build_clip_image_processor,
+    build_clip_tokenizer,
+    build_llama_tokenizer,
+)
 from llava_trim.tools.finetune import (
     IGNORE_INDEX,
     LlavaConversationDataset,
@@ -21,8 +27,6 @@ from llava_trim.tools.finetune import (
     load_preprocessing,
     parse_args,
 )
-from llava_trim.tools.tiny import TINY_IMAGE_TOKEN_ID, TINY_LLAMA, tiny_model
-from llava_trim.tools.tiny_tokenizers import build_clip_image_processor, build_clip_tokenizer, build_llama_tokenizer
 
 IMAGE_SEQ_LENGTH = 576
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 170, 30), "yellow": (230, 210, 40)}

@@ -9,13 +9,13 @@ from safetensors.torch import load_file
 from test_finetune import data_dir, preprocessing  # noqa: F401 (fixtures)
 from test_finetune_distributed import model_dir  # noqa: F401 (fixture)
 
-from llava_trim.tools.finetune import main
-from llava_trim.tools.tiny_checkpoints import (
+from llava_trim.testing_utils.tiny_checkpoints import (
     build_llava_pretrain_projector,
     build_tiny_clip,
     build_vicuna,
     load_clip_state_dict,
 )
+from llava_trim.tools.finetune import main
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_finetune import data_dir, preprocessing  # noqa: F401 (fixtures)
 
-from llava_trim.tools.tiny import tiny_model
+from llava_trim.testing_utils.tiny import tiny_model
 
 RUNNER = textwrap.dedent(
     """

@@ -17,8 +17,8 @@ from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from llava_trim.tools.tiny import TINY_IMAGE_TOKEN_ID, TINY_VISION, native_llava, tiny_model
-from llava_trim.tools.tiny_tokenizers import build_llama_tokenizer, build_tiny_processor
+from llava_trim.testing_utils.tiny import TINY_IMAGE_TOKEN_ID, TINY_VISION, native_llava, tiny_model
+from llava_trim.testing_utils.tiny_tokenizers import build_llama_tokenizer, build_tiny_processor
 
 MODES = {"off": None, "auto": -1, "fixed": 0.25}
 SIZE, S = 112, 64  # a smaller image than LLaVA's (8 x 8 patches) keeps the matrix fast; the code paths are the same

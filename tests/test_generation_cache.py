@@ -15,8 +15,8 @@ from test_generation import MODES, SIZE, Prompt, S, pixels, prompt, text
 from test_modeling_llava_trim import PAD, batch, questions
 from transformers import DynamicCache, StaticCache
 
-from llava_trim.tools.tiny import TINY_IMAGE_TOKEN_ID, TINY_VISION, native_llava, tiny_model
-from llava_trim.tools.tiny_tokenizers import build_tiny_processor
+from llava_trim.testing_utils.tiny import TINY_IMAGE_TOKEN_ID, TINY_VISION, native_llava, tiny_model
+from llava_trim.testing_utils.tiny_tokenizers import build_tiny_processor
 
 GREEDY = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
 

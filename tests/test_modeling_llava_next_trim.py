@@ -12,8 +12,8 @@ from transformers.image_processing_utils import select_best_resolution
 
 from llava_trim.configuration_llava_trim import LlavaNextTrimConfig
 from llava_trim.modeling_llava_trim import LlavaTrimImageOutput
-from llava_trim.tools.tiny import TINY_CLIP_TEXT, TINY_IMAGE_TOKEN_ID
-from llava_trim.tools.tiny_next import native_llava_next, tiny_next_model
+from llava_trim.testing_utils.tiny import TINY_CLIP_TEXT, TINY_IMAGE_TOKEN_ID
+from llava_trim.testing_utils.tiny_next import native_llava_next, tiny_next_model
 
 N, SIDE, CROP, PATCH = 576, 24, 336, 14
 BOS, PAD = 1, 1001

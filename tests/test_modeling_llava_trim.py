@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from llava_trim.modeling_llava_trim import compact_image_runs, trim_keep_mask
+from llava_trim.testing_utils.tiny import TINY_CLIP_TEXT, TINY_IMAGE_TOKEN_ID, native_llava, tiny_model
 from llava_trim.tools.finetune import configure_trainable_parameters
-from llava_trim.tools.tiny import TINY_CLIP_TEXT, TINY_IMAGE_TOKEN_ID, native_llava, tiny_model
 
 S = 576  # image tokens per image
 BOS, EOS, PAD = 1, 2, 1001

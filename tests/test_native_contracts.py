@@ -25,7 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from llava_trim.configuration_llava_trim import LlavaTrimConfig
 from llava_trim.modeling_llava_trim import LlavaTrimForConditionalGeneration, LlavaTrimModel
-from llava_trim.tools.tiny import (
+from llava_trim.testing_utils.tiny import (
     TINY_CLIP_TEXT,
     TINY_IMAGE_TOKEN_ID,
     TINY_VISION,

@@ -15,8 +15,8 @@ from PIL import Image
 from transformers import LlavaNextProcessor
 
 from llava_trim.processing_llava_trim import LlavaNextTrimProcessor, questions_from_messages
-from llava_trim.tools.tiny_next import build_tiny_next_processor, tiny_next_model
-from llava_trim.tools.tiny_tokenizers import build_clip_image_processor
+from llava_trim.testing_utils.tiny_next import build_tiny_next_processor, tiny_next_model
+from llava_trim.testing_utils.tiny_tokenizers import build_clip_image_processor
 
 QUESTION = "What is the colour of the bus?"
 # (width, height): wide, tall, square, very wide, very tall, small, large

@@ -23,8 +23,8 @@ from llava_trim.processing_llava_trim import (
     questions_from_prompt,
     single_turn_messages,
 )
-from llava_trim.tools.tiny import tiny_model
-from llava_trim.tools.tiny_tokenizers import (
+from llava_trim.testing_utils.tiny import tiny_model
+from llava_trim.testing_utils.tiny_tokenizers import (
     CLIP_BOS_ID,
     CLIP_EOS_ID,
     LLAMA_IMAGE_TOKEN_ID,

@@ -8,8 +8,8 @@ from torch import nn
 from transformers import AutoModelForImageTextToText
 from transformers.quantizers.quantizers_utils import should_convert_module
 
+from llava_trim.testing_utils.tiny import TINY_IMAGE_TOKEN_ID, tiny_model
 from llava_trim.tools.finetune import QUANTIZATION_SKIP_MODULES
-from llava_trim.tools.tiny import TINY_IMAGE_TOKEN_ID, tiny_model
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None

@@ -12,9 +12,9 @@ pytest.importorskip("gradio")
 # Gradio's queue calls pandas APIs that pandas 3 deprecates; not this project's to fix
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
 
+from llava_trim.testing_utils.tiny import tiny_model  # noqa: E402
+from llava_trim.testing_utils.tiny_tokenizers import build_tiny_processor  # noqa: E402
 from llava_trim.tools.space import PACKAGE, PACKAGE_MODULES, TOOLS_MODULES, main, write_space  # noqa: E402
-from llava_trim.tools.tiny import tiny_model  # noqa: E402
-from llava_trim.tools.tiny_tokenizers import build_tiny_processor  # noqa: E402
 
 
 def front_matter(readme: str) -> dict[str, str]:

@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, CLIPModel
 
-from llava_trim.tools.tiny import TINY_LLAMA, TINY_VISION
-from llava_trim.tools.tiny_checkpoints import build_all, build_original_llava, build_tiny_clip
+from llava_trim.testing_utils.tiny import TINY_LLAMA, TINY_VISION
+from llava_trim.testing_utils.tiny_checkpoints import build_all, build_original_llava, build_tiny_clip
 
 
 @pytest.fixture(scope="module")

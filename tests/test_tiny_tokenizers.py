@@ -7,7 +7,7 @@ import sentencepiece as spm
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPTokenizer
 
 from llava_trim.processing_llava_trim import LLAVA_V1_SYSTEM
-from llava_trim.tools.tiny_tokenizers import (
+from llava_trim.testing_utils.tiny_tokenizers import (
     CLIP_BOS_ID,
     CLIP_EOS_ID,
     CLIP_VOCAB_SIZE,

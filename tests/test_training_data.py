@@ -9,8 +9,8 @@ from PIL import Image
 from test_finetune import collator, data_dir, preprocessing  # noqa: F401 (fixtures)
 from transformers import TrainingArguments
 
+from llava_trim.testing_utils.tiny import tiny_model
 from llava_trim.tools.finetune import LlavaTrimTrainer, configure_trainable_parameters
-from llava_trim.tools.tiny import tiny_model
 from llava_trim.tools.training_data import (
     BadSampleError,
     LazyJsonRecords,

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 from transformers.image_processing_utils import select_best_resolution
 
-from llava_trim.tools.tiny_next import build_tiny_next_processor, tiny_next_model
+from llava_trim.testing_utils.tiny_next import build_tiny_next_processor, tiny_next_model
 from llava_trim.tools.visualize import PRUNED_OPACITY, draw_anyres_kept_patches, main, select_for_ratios
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]

@@ -58,8 +58,8 @@ def _step(title: str) -> None:
 
 def build_and_convert(workdir: Path, family: str = "llava") -> Path:
     """Steps 1 and 2: tiny sources in `workdir`, converted by `convert_checkpoint.py` in a subprocess."""
-    from .tiny_checkpoints import build_original_llava, build_tiny_clip
-    from .tiny_next import build_original_llava_next
+    from ..testing_utils.tiny_checkpoints import build_original_llava, build_tiny_clip
+    from ..testing_utils.tiny_next import build_original_llava_next
 
     name = "LLaVA-NeXT" if family == "next" else "LLaVA-1.5"
     _step(f"1/3 Building a tiny random {name} checkpoint (original liuhaotian format) and a tiny CLIP, offline")

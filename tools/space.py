@@ -33,7 +33,7 @@ PACKAGE_FOLDER = TOOLS_FOLDER.parent
 # the page uses (`visualize.py` draws the heatmap with the processor's image path, `demo.py` draws the examples,
 # `cli.py` builds their command lines).
 PACKAGE_MODULES = ("__init__.py", "configuration_llava_trim.py", "modeling_llava_trim.py", "processing_llava_trim.py")
-TOOLS_MODULES = ("__init__.py", "app.py", "cli.py", "loading.py", "visualize.py", "demo.py", "tiny_tokenizers.py")
+TOOLS_MODULES = ("__init__.py", "app.py", "cli.py", "loading.py", "visualize.py", "demo.py")
 
 SPACE_APP = '''"""Hugging Face Space: the LLaVA-TRIM page on {model}."""
 

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..configuration_llava_trim import parse_trim_ratio
 from ..processing_llava_trim import bounded_pad_and_resize, llava_image_processor, load_image, single_turn_messages
 from .cli import command_parser, flag_value
-from .tiny_tokenizers import build_clip_image_processor
+from .loading import build_clip_image_processor
 
 # `openai/clip-vit-large-patch14-336`'s normalisation.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -34,11 +34,13 @@ seconds without network:
   legacy key names the Hub repositories use (`language_model.model.*`, `language_model.lm_head.*`,
   `vision_tower.vision_model.*`, `multi_modal_projector.*`) or with the installed transformers' own names.
 
-Widths come from `tools/tiny.py` (`TINY_VISION`, `TINY_CLIP_TEXT`, `TINY_LLAMA`); vocabulary sizes and special ids
-from the tiny tokenizers of `tools/tiny_tokenizers.py`. Everything is seeded: the same call writes the same weights.
+Widths come from `testing_utils/tiny.py` (`TINY_VISION`, `TINY_CLIP_TEXT`, `TINY_LLAMA`); vocabulary sizes and special
+ids from the tiny tokenizers of `testing_utils/tiny_tokenizers.py`. Everything is seeded: the same call writes the same
+weights.
 
 ```bash
-python -m llava_trim.tools.tiny_checkpoints /tmp/tiny-sources   # clip/, llava-original/, llava-trim/, llava-hf/, ...
+# writes clip/, llava-original/, llava-trim/, llava-hf/, ...
+python -m llava_trim.testing_utils.tiny_checkpoints /tmp/tiny-sources
 ```
 """
 
@@ -648,7 +650,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Write tiny random LLaVA-1.5 source checkpoints (original, TRIM, llava-hf, Vicuna + pretrain "
         "projector) and a tiny CLIP.",
-        epilog="Example: python -m llava_trim.tools.tiny_checkpoints /tmp/tiny-sources",
+        epilog="Example: python -m llava_trim.testing_utils.tiny_checkpoints /tmp/tiny-sources",
     )
     parser.add_argument(
         "root",

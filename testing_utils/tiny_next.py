@@ -1,7 +1,7 @@
 """Tiny random LLaVA-NeXT (llava-v1.6, anyres) models with TRIM for tests, the demo and CPU benchmarks.
 
 The geometry is the real one (336 px crops, patch 14: 576 patches per crop, LLaVA-NeXT's five grid pinpoints, so up
-to 2,928 image positions per image); every width is that of `tools/tiny.py`.
+to 2,928 image positions per image); every width is that of `testing_utils/tiny.py`.
 """
 
 import torch

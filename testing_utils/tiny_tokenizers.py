@@ -7,12 +7,13 @@ The tests and the demo need the three preprocessing pieces of a LLaVA-1.5 + TRIM
   (`tokenizer.model`, `LlamaTokenizer`, `<unk>`=0, `<s>`=1, `</s>`=2, byte fallback, no `<image>`, no pad token).
 - [`build_clip_tokenizer`]: a byte-level BPE tokenizer laid out like `openai/clip-vit-large-patch14`'s
   (`vocab.json` + `merges.txt`, `</w>` word ends, lowercasing, `<|startoftext|>` / `<|endoftext|>`, 77 tokens).
-- [`build_clip_image_processor`]: the `CLIPImageProcessor` settings of `openai/clip-vit-large-patch14-336`.
+- [`build_clip_image_processor`] (from `tools/loading.py`): the `CLIPImageProcessor` of
+  `openai/clip-vit-large-patch14-336`.
 
 Everything is deterministic: the same call writes byte-identical files.
 
 ```python
->>> from llava_trim.tools.tiny_tokenizers import build_clip_tokenizer, build_llama_tokenizer
+>>> from llava_trim.testing_utils.tiny_tokenizers import build_clip_tokenizer, build_llama_tokenizer
 >>> llama_dir = build_llama_tokenizer("/tmp/tiny/llama")  # AutoTokenizer.from_pretrained(llama_dir) works
 >>> clip_dir = build_clip_tokenizer("/tmp/tiny/clip")
 ```
@@ -25,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..processing_llava_trim import LLAVA_V1_SYSTEM, LlavaTrimProcessor
+from ..tools.loading import build_clip_image_processor
 
 # Vocabulary sizes and special-token ids of the tiny tokenizers (asserted when they are built).
 LLAMA_VOCAB_SIZE = 1000
@@ -284,46 +286,6 @@ def build_clip_tokenizer(save_dir: str | Path, num_merges: int = CLIP_NUM_MERGES
 
 
 # `openai/clip-vit-large-patch14-336`'s preprocessor_config.json, in the names of the installed transformers.
-CLIP_336_IMAGE_PROCESSOR = {
-    "crop_size": {"height": 336, "width": 336},
-    "do_center_crop": True,
-    "do_convert_rgb": True,
-    "do_normalize": True,
-    "do_rescale": True,
-    "do_resize": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "resample": 3,  # PIL.Image.BICUBIC
-    "rescale_factor": 1 / 255,
-    "size": {"shortest_edge": 336},
-}
-
-
-def build_clip_image_processor(save_dir: str | Path | None = None):
-    """
-    The `CLIPImageProcessor` of `openai/clip-vit-large-patch14-336`: resize the shortest edge to 336 (bicubic), center
-    crop 336x336, rescale by 1/255, normalise with CLIP's mean and std.
-
-    Uses the PIL backend (`CLIPImageProcessorPil`) when torchvision is missing; both read the same
-    `preprocessor_config.json`, so `AutoImageProcessor.from_pretrained(save_dir)` loads what this writes.
-
-    Args:
-        save_dir (`str` or `Path`, *optional*): Where to write `preprocessor_config.json` (nothing if `None`).
-
-    Returns:
-        The image processor.
-    """
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        from transformers import CLIPImageProcessor as image_processor_class
-    else:
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as image_processor_class
-    image_processor = image_processor_class(**CLIP_336_IMAGE_PROCESSOR)
-    if save_dir is not None:
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
-        image_processor.save_pretrained(save_dir)
-    return image_processor
 
 
 # Ids of the tokens `build_tiny_processor` adds after the 1000 sentencepiece pieces (as llava-hf adds them at 32000+).
