@@ -64,10 +64,12 @@ def tiny_model(seed: int = 0, **overrides) -> LlavaTrimForConditionalGeneration:
     """A tiny randomly initialised model in float32 and eval mode, reproducible from `seed`."""
     torch.manual_seed(seed)
     model = LlavaTrimForConditionalGeneration(tiny_config(**overrides))
-    # spread the projections so that TRIM's scores vary across patches as they do in a trained CLIP
+    # spread the projections so that TRIM's scores vary across patches as they do in a trained CLIP (the automatic
+    # mode keeps about a sixth of the patches) without underflowing float32's softmax: with a wider spread most
+    # probabilities become exactly 0 and a fixed ratio would rank ties by patch index instead of by score
     with torch.no_grad():
-        model.model.trim_scorer.visual_projection.weight.normal_(std=1.0)
-        model.model.trim_scorer.text_projection.weight.normal_(std=1.0)
+        model.model.trim_scorer.visual_projection.weight.normal_(std=0.15)
+        model.model.trim_scorer.text_projection.weight.normal_(std=0.15)
     return model.eval()
 
 
