@@ -261,3 +261,19 @@ def test_lora_on_a_next_model_adapts_the_language_model_only(processor):
     model.train()
     model(**LlavaTrimDataCollator.from_processor(processor)(RECORDS)).loss.backward()
     assert all(p.grad is not None for name, p in model.named_parameters() if "lora_B" in name)
+
+
+def test_preprocessing_from_separate_folders_tiles_at_the_models_pinpoints(next_dir, mixed_data, tmp_path):
+    """--tokenizer / --clip_tokenizer / --image_processor with CLIP's image processor: the collator turns it into
+    LLaVA-NeXT's with the model's pinpoints, and the run trains."""
+    from llava_trim.testing_utils.tiny_tokenizers import build_clip_image_processor
+
+    image_processor = build_clip_image_processor(tmp_path / "clip_image_processor")
+    assert type(image_processor).__name__.startswith("CLIPImageProcessor")
+    pieces = ["--tokenizer", str(next_dir), "--clip_tokenizer", str(next_dir / "clip_tokenizer")]
+    pieces += ["--image_processor", str(tmp_path / "clip_image_processor"), "--max_steps", "1"]
+    trainer = main(next_flags(next_dir, mixed_data, tmp_path / "out") + pieces)
+    collator = trainer.data_collator.collator
+    assert type(collator) is LlavaNextTrimDataCollator and collator.conversation == "vicuna_v1"
+    assert collator.image_processor.image_grid_pinpoints == trainer.model.config.image_grid_pinpoints
+    assert trainer.state.global_step == 1

@@ -676,8 +676,9 @@ def train(args: FinetuneArguments, callbacks: Sequence | None = None):
     next_model = is_llava_next(config)
     if processor is not None:
         conversation = getattr(processor, "conversation", "vicuna_v1")
-    else:  # the three pieces: the conversation --version names
-        conversation = "mistral_instruct" if args.model.version == "mistral_instruct" and next_model else "vicuna_v1"
+    else:  # the three pieces: the converter's choice, `mistral_instruct` for a Mistral language model
+        mistral = next_model and getattr(config.text_config, "model_type", None) == "mistral"
+        conversation = "mistral_instruct" if mistral else "vicuna_v1"
     check_architecture_flags(args, config, conversation)
     if processor is not None and next_model != is_next_processor(processor):
         raise ValueError(
