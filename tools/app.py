@@ -43,7 +43,7 @@ from ..configuration_llava_trim import parse_trim_ratio
 from ..processing_llava_trim import MAX_IMAGE_PIXELS, bounded_pad_and_resize, load_image
 from .cli import command_parser
 from .loading import load_model_and_processor
-from .visualize import draw_kept_patches, pixel_values_to_image
+from .visualize import anyres_views, draw_anyres_kept_patches, draw_kept_patches, pixel_values_to_image
 
 # What the page offers in its TRIM control, and the `trim_ratio` each stands for (the ratio comes from the slider).
 MODE_AUTO = "Automatic"
@@ -92,9 +92,10 @@ def mode_label(trim_ratio: float | None) -> str:
 def read_image(path: str | Path | None, image_processor=None) -> Image.Image:
     """
     Decode an uploaded image as the processor does ([`load_image`]: its pixel limit from the header, the first frame
-    of an animation), or raise `gr.Error` with a message for the page. With `image_processor`, an image whose square
-    canvas is large comes back already padded and resized ([`bounded_pad_and_resize`]), whatever processor code the
-    model's folder carries.
+    of an animation), or raise `gr.Error` with a message for the page. With LLaVA-1.5's `image_processor`, an image
+    whose square canvas is large comes back already padded and resized ([`bounded_pad_and_resize`]), whatever
+    processor code the model's folder carries; LLaVA-NeXT's tiles the image at one of its pinpoints (at most
+    1008 px a side) without a square canvas, so the image comes back as decoded.
     """
     if path is None:
         raise gr.Error("Upload an image (or pick an example) first.")
@@ -105,7 +106,14 @@ def read_image(path: str | Path | None, image_processor=None) -> Image.Image:
             f"Could not open '{Path(path).name}' as an image: {error} Upload a PNG, JPEG, WebP or GIF picture of at "
             f"most {MAX_IMAGE_PIXELS:,} pixels."
         ) from None
-    return bounded_pad_and_resize(image, image_processor) if image_processor is not None else image
+    if image_processor is None or tiles_images(image_processor):
+        return image
+    return bounded_pad_and_resize(image, image_processor)
+
+
+def tiles_images(image_processor) -> bool:
+    """Whether `image_processor` is LLaVA-NeXT's (anyres tiles) rather than LLaVA-1.5's (one padded square)."""
+    return type(image_processor).__name__.startswith("LlavaNextImageProcessor")
 
 
 def check_turns(messages: Sequence[dict]) -> None:
@@ -180,10 +188,24 @@ class TrimChat:
         ).to(self.model.device)
         selection = self.model.select_image_tokens(**inputs, trim_ratio=trim_ratio)
         image_processor = self.processor.image_processor
-        view = pixel_values_to_image(inputs["pixel_values"][0], image_processor.image_mean, image_processor.image_std)
         keep_mask = selection.keep_mask[0].cpu()  # (num_patches,) of the conversation's image
-        heatmap = draw_kept_patches(view, keep_mask, question=image_question(messages), label=mode_label(trim_ratio))
-        return Reply(dict(inputs), trim_ratio, int(keep_mask.sum()), selection.num_patches, heatmap)
+        question, label = image_question(messages), mode_label(trim_ratio)
+        if inputs["pixel_values"].ndim == 5:  # LLaVA-NeXT: the overview beside the unpadded tile grid
+            overview, grid_view = anyres_views(
+                self.model, inputs["pixel_values"][0].cpu(), inputs["image_sizes"][0].tolist(), image_processor
+            )
+            patch = self.model.config.vision_config.patch_size
+            grid_shape = (grid_view.height // patch, grid_view.width // patch)
+            heatmap = draw_anyres_kept_patches(
+                overview, grid_view, keep_mask, grid_shape, label=label, question=question, patch_size=patch
+            )
+        else:
+            view = pixel_values_to_image(
+                inputs["pixel_values"][0], image_processor.image_mean, image_processor.image_std
+            )
+            heatmap = draw_kept_patches(view, keep_mask, question=question, label=label)
+        num_patches = int(selection.candidates_per_image[0])  # LLaVA-NeXT: this image's own candidates
+        return Reply(dict(inputs), trim_ratio, int(keep_mask.sum()), num_patches, heatmap)
 
     def stream(self, reply: Reply) -> Iterator[str]:
         """The answer so far, growing token by token (greedy decoding in a background thread)."""
@@ -288,6 +310,17 @@ def chat_display(messages: Sequence[dict]) -> list[dict]:
     return shown
 
 
+# The page's introduction, for LLaVA-1.5 (False) and LLaVA-NeXT (True)
+INTRODUCTION = {
+    False: "LLaVA-1.5 with **TRIM**: the image's 576 patch tokens are scored by CLIP against your question and only "
+    "the outliers (plus one token averaging the rest) reach the language model. Ask about a picture and see which "
+    "patches it kept.",
+    True: "LLaVA-NeXT with **TRIM**: the patch tokens of the image's overview and of its tiles at a higher resolution "
+    "(up to 2,880) are scored by CLIP against your question and only the outliers (plus one token averaging the rest) "
+    "reach the language model. Ask about a picture and see which patches it kept, on the overview (left) and the "
+    "tiles (right).",
+}
+
 # System fonts only: the default theme would fetch web fonts, which an offline machine cannot.
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 CSS = """
@@ -387,12 +420,7 @@ def build_app(chat: TrimChat, title: str = "LLaVA-TRIM", examples_folder: Path |
 
     # no analytics or version checks (they phone home), and a theme with local fonts: the page works offline
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
-        gr.Markdown(
-            f"# {title}\n"
-            "LLaVA-1.5 with **TRIM**: the image's 576 patch tokens are scored by CLIP against your question and only "
-            "the outliers (plus one token averaging the rest) reach the language model. Ask about a picture and see "
-            "which patches it kept."
-        )
+        gr.Markdown(f"# {title}\n{INTRODUCTION[tiles_images(chat.processor.image_processor)]}")
         messages = gr.State([])  # the chat-template messages of the conversation (images included)
         conversation_image = gr.State(None)  # the uploaded file the conversation is about
         question = gr.Textbox(

@@ -1,5 +1,6 @@
 # Copyright 2026 The llava-trim authors. Licensed under the Apache License, Version 2.0.
-"""Fine-tune LLaVA-1.5 with TRIM in the loop, with `transformers.Trainer` (optionally LoRA through `peft`).
+"""Fine-tune LLaVA-1.5 or LLaVA-NeXT with TRIM in the loop, with `transformers.Trainer` (optionally LoRA through
+`peft`).
 
 Data is LLaVA's conversation JSON (a list of records, or one record per line):
 
@@ -29,9 +30,12 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 from ..processing_llava_trim import (
     LLAVA_V1_SYSTEM,
+    NEXT_CONVERSATIONS,
     VICUNA_V1_CHAT_TEMPLATE,
     VICUNA_V1_SYSTEM,
+    LlavaNextTrimProcessor,
     LlavaTrimProcessor,
+    llava_next_image_processor,
 )
 from .finetune_args import FinetuneArguments, build_parser, parse_args, world_size
 from .training_data import BadSampleError, LlavaConversationDataset, ModalityGroupedSampler, SkipBadSamples
@@ -227,10 +231,20 @@ class LlavaTrimDataCollator:
 
     @classmethod
     def from_processor(cls, processor, **kwargs) -> "LlavaTrimDataCollator":
-        """Build from a [`LlavaTrimProcessor`] (its tokenizer, CLIP tokenizer, image processor and image token)."""
+        """Build from a [`LlavaTrimProcessor`] (its tokenizer, CLIP tokenizer, image processor and image token); a
+        [`LlavaNextTrimProcessor`] gives a [`LlavaNextTrimDataCollator`] with its conversation and grid pinpoints."""
         kwargs.setdefault("image_token", getattr(processor, "image_token", IMAGE_PLACEHOLDER))
         kwargs.setdefault("image_seq_length", getattr(processor, "image_seq_length", 576))
+        if is_next_processor(processor) and not issubclass(cls, LlavaNextTrimDataCollator):
+            cls = LlavaNextTrimDataCollator
+        if issubclass(cls, LlavaNextTrimDataCollator):
+            kwargs.setdefault("conversation", processor.conversation)
+            kwargs.setdefault("image_grid_pinpoints", processor.image_processor.image_grid_pinpoints)
         return cls(processor.tokenizer, processor.clip_tokenizer, processor.image_processor, **kwargs)
+
+    def _images_kwargs(self) -> dict:
+        """The image processor options of a batch: LLaVA-1.5's pad to a square (or not)."""
+        return {"do_pad": self.pad_to_square}
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.processor.image_seq_length != self.image_seq_length:  # set after construction (the model's value)
@@ -262,7 +276,7 @@ class LlavaTrimDataCollator:
                 "padding_side": "right",  # for training
                 "truncation": self.max_length is not None,
                 "max_length": self.max_length,
-                "images_kwargs": {"do_pad": self.pad_to_square},
+                "images_kwargs": self._images_kwargs(),
                 "trim_text": None if self.trim_question == "first" else trim_text,
             },
         )
@@ -276,6 +290,54 @@ class LlavaTrimDataCollator:
         return dict(batch)
 
 
+@dataclass
+class LlavaNextTrimDataCollator(LlavaTrimDataCollator):
+    """[`LlavaTrimDataCollator`] for `LlavaNextTrimForConditionalGeneration` (LLaVA-NeXT, anyres): the batch of
+    [`LlavaNextTrimProcessor`], so each image becomes its overview and tiles (`pixel_values`
+    `(num_images, max_crops, 3, 336, 336)`, `image_sizes` `(num_images, 2)`) and its `<image>` as many placeholders as
+    the image has positions natively (overview, unpadded grid, newlines). Labels, padding, truncation and TRIM's
+    question follow the same rules as LLaVA-1.5's.
+
+    Args:
+        conversation (`str`): the checkpoint's LLaVA conversation, `"vicuna_v1"` or `"mistral_instruct"`.
+        image_grid_pinpoints (`list[list[int]]`, *optional*): the model's `image_grid_pinpoints` (LLaVA-NeXT's five
+            by default); a CLIP image processor is turned into LLaVA-NeXT's with them.
+        system_prompt (`str`, *optional*): defaults to the conversation's own (`vicuna_v1`'s sentence; none for
+            `mistral_instruct`, as LLaVA's `conv_mistral_instruct`).
+        other arguments: see [`LlavaTrimDataCollator`]; `pad_to_square` is LLaVA-1.5's and must stay `False`.
+    """
+
+    system_prompt: str | None = None
+    pad_to_square: bool = False
+    conversation: str = "vicuna_v1"
+    image_grid_pinpoints: list | None = None
+
+    def __post_init__(self):
+        if self.conversation not in NEXT_CONVERSATIONS:
+            raise ValueError(f"`conversation` must be one of {sorted(NEXT_CONVERSATIONS)}, got {self.conversation!r}.")
+        if self.pad_to_square:
+            raise ValueError(
+                "`pad_to_square` is LLaVA-1.5's image layout: LLaVA-NeXT tiles each image (anyres); leave it False."
+            )
+        if self.system_prompt is None:
+            self.system_prompt = VICUNA_V1_SYSTEM if self.conversation == "vicuna_v1" else ""
+        self.image_processor = llava_next_image_processor(self.image_processor, self.image_grid_pinpoints)
+        super().__post_init__()
+
+    def _build_processor(self) -> LlavaNextTrimProcessor:
+        return LlavaNextTrimProcessor(
+            self.image_processor,
+            self.tokenizer,
+            self.clip_tokenizer,
+            image_token=self.image_token,
+            image_seq_length=self.image_seq_length,
+            conversation=self.conversation,
+        )
+
+    def _images_kwargs(self) -> dict:
+        return {}  # the image processor's own: the overview and the tiles of the best pinpoint, padded crops
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # What is trained
 # ---------------------------------------------------------------------------------------------------------------------
@@ -287,11 +349,14 @@ def configure_trainable_parameters(model, train_language_model: bool = True, tra
     The CLIP vision tower, the CLIP text tower and CLIP's projections (`model.trim_scorer`, TRIM's scorer) are frozen
     here, explicitly (a loaded model has every parameter trainable, as transformers models do), and so is anything
     else that is neither the projector nor the language model. TRIM's choice is a hard selection that no gradient
-    flows through, and the scorer must keep matching the vision features it was trained with. Returns the number of
+    flows through, and the scorer must keep matching the vision features it was trained with. LLaVA-NeXT's
+    `image_newline` is trained with the projector (LLaVA-NeXT trains it with the model). Returns the number of
     trainable parameters.
     """
     model.requires_grad_(False)  # the CLIP vision tower and `trim_scorer` stay so; the rest is switched on below
     model.model.multi_modal_projector.requires_grad_(train_projector)
+    if isinstance(getattr(model.model, "image_newline", None), torch.nn.Parameter):  # LLaVA-NeXT
+        model.model.image_newline.requires_grad_(train_projector)
     model.model.language_model.requires_grad_(train_language_model)
     model.lm_head.requires_grad_(train_language_model)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -301,7 +366,8 @@ def apply_lora(model, r: int = 128, alpha: int = 256, dropout: float = 0.05, tra
     """Wrap `model` with LoRA adapters on the Llama decoder's projections (LLaVA-1.5's LoRA recipe: r=128, alpha=256).
 
     Everything else is frozen; the multimodal projector is trained in full (a `peft` `modules_to_save` copy) unless
-    `train_projector=False`. Returns the `peft` model.
+    `train_projector=False`. LLaVA-NeXT's `image_newline` (a bare parameter, which `peft` cannot save beside the
+    adapter) stays as it is. Returns the `peft` model.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -378,14 +444,38 @@ class LlavaTrimTrainer(Trainer):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def check_architecture_flags(args: FinetuneArguments, config) -> None:
-    """Refuse, in one sentence, LLaVA flags that contradict the model (`config`); accept those that describe it."""
+# the `--version` names of LLaVA's train.py for each conversation
+VERSIONS = {"vicuna_v1": ("v1", "vicuna_v1"), "mistral_instruct": ("mistral_instruct",)}
+
+
+def is_next_processor(processor) -> bool:
+    """Whether `processor` is a [`LlavaNextTrimProcessor`] (this package's, or the copy a folder's remote code
+    loads)."""
+    return any(klass.__name__ == "LlavaNextTrimProcessor" for klass in type(processor).__mro__)
+
+
+def is_llava_next(config) -> bool:
+    """Whether `config` describes a LLaVA-NeXT (anyres) model."""
+    return getattr(config, "model_type", None) == "llava_next_trim"
+
+
+def check_architecture_flags(args: FinetuneArguments, config, conversation: str = "vicuna_v1") -> None:
+    """Refuse, in one sentence, LLaVA flags that contradict the model (`config`, whose processor speaks
+    `conversation`); accept those that describe it. LLaVA-NeXT's train.py adds `--image_aspect_ratio anyres`,
+    `--mm_patch_merge_type spatial_unpad` and `--image_grid_pinpoints`."""
     flags = args.model
-    if flags.version not in ("v1", "vicuna_v1"):
+    next_model = is_llava_next(config)
+    if flags.version is not None and flags.version not in VERSIONS[conversation]:
+        if not next_model:
+            raise ValueError(
+                f"--version {flags.version}: this tool trains LLaVA-1.5's second stage with its vicuna_v1 template "
+                "(--version v1)."
+            )
         raise ValueError(
-            f"--version {flags.version}: this tool trains LLaVA-1.5's second stage with its vicuna_v1 template "
-            "(--version v1)."
+            f"--version {flags.version}: the model's conversation is {conversation} (--version "
+            f"{VERSIONS[conversation][0]})."
         )
+    check_layout_flags(args, config)
     if flags.mm_use_im_start_end or flags.mm_use_im_patch_token:
         raise ValueError(
             "--mm_use_im_start_end / --mm_use_im_patch_token True: LLaVA-1.5 (and this model) has no such tokens; "
@@ -411,6 +501,57 @@ def check_architecture_flags(args: FinetuneArguments, config) -> None:
                 f"--mm_vision_token_reduce_func {flags.mm_vision_token_reduce_func} contradicts the trim_ratio "
                 f"{wanted} the model trains with: pass --trim_ratio to choose another one."
             )
+
+
+def check_layout_flags(args: FinetuneArguments, config) -> None:
+    """Refuse, in one sentence, an image layout (`--image_aspect_ratio`, `--mm_patch_merge_type`,
+    `--image_grid_pinpoints`) that is not the model's: LLaVA-1.5's one square per image or LLaVA-NeXT's anyres."""
+    aspect, merge, pinpoints = (
+        args.data.image_aspect_ratio,
+        args.model.mm_patch_merge_type,
+        args.data.image_grid_pinpoints,
+    )
+    if not is_llava_next(config):
+        if aspect == "anyres":
+            raise ValueError(
+                "--image_aspect_ratio anyres: the model is LLaVA-1.5 (one 336 px square per image); anyres is "
+                "LLaVA-NeXT's, so pass pad (or square)."
+            )
+        if merge not in (None, "flat"):
+            raise ValueError(f"--mm_patch_merge_type {merge}: the model is LLaVA-1.5, whose features are flat.")
+        if pinpoints is not None:
+            raise ValueError("--image_grid_pinpoints: the model is LLaVA-1.5, which does not tile images; drop it.")
+        return
+    if aspect not in (None, "anyres"):
+        recipe = args.training.recipe
+        raise ValueError(
+            f"--image_aspect_ratio {aspect} contradicts the model: LLaVA-NeXT tiles each image at the best of its "
+            "image_grid_pinpoints (anyres), so pass anyres or nothing"
+            + (f" (--recipe {recipe} is LLaVA-1.5's and sets pad)." if recipe else ".")
+        )
+    if merge not in (None, "spatial_unpad"):
+        raise ValueError(f"--mm_patch_merge_type {merge}: the model lays out its tiles as LLaVA-NeXT's spatial_unpad.")
+    if pinpoints is not None and parse_pinpoints(pinpoints) != [list(pair) for pair in config.image_grid_pinpoints]:
+        raise ValueError(
+            f"--image_grid_pinpoints {pinpoints} is not the model's {config.image_grid_pinpoints}: drop the flag or "
+            "pass the model's."
+        )
+
+
+def parse_pinpoints(text: str) -> list[list[int]]:
+    """LLaVA-NeXT's `--image_grid_pinpoints` value, a list of `(height, width)` pairs such as
+    `"[(336, 672), (672, 336)]"`, as a list of `[height, width]` lists."""
+    import ast
+
+    try:
+        value = ast.literal_eval(text)
+        pairs = [[int(height), int(width)] for height, width in value]
+    except (ValueError, TypeError, SyntaxError):
+        raise ValueError(
+            f'--image_grid_pinpoints {text}: expected a list of (height, width) pairs, e.g. "[(336, 672), '
+            '(672, 336), (672, 672), (1008, 336), (336, 1008)]".'
+        ) from None
+    return pairs
 
 
 def reduce_func_ratio(value: str) -> float | None:
@@ -531,18 +672,36 @@ def train(args: FinetuneArguments, callbacks: Sequence | None = None):
     )
     model_path = build_stage2_start(args) if args.model.builds_stage2_start else args.model.model_name_or_path
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=True)
-    check_architecture_flags(args, config)
     processor, (tokenizer, clip_tokenizer, image_processor) = load_preprocessing(args, model_path)
-    collator_kwargs = {
-        "system_prompt": args.data.system_prompt,
-        "trim_question": args.trim.trim_question,
-        "pad_to_square": args.data.pad_to_square,
-        "max_length": training_args.model_max_length,
-    }
+    next_model = is_llava_next(config)
     if processor is not None:
-        collator = LlavaTrimDataCollator.from_processor(processor, **collator_kwargs)
+        conversation = getattr(processor, "conversation", "vicuna_v1")
+    else:  # the three pieces: the converter's choice, `mistral_instruct` for a Mistral language model
+        mistral = next_model and getattr(config.text_config, "model_type", None) == "mistral"
+        conversation = "mistral_instruct" if mistral else "vicuna_v1"
+    check_architecture_flags(args, config, conversation)
+    if processor is not None and next_model != is_next_processor(processor):
+        raise ValueError(
+            f"{model_path} holds a {'LLaVA-NeXT' if next_model else 'LLaVA-1.5'} model but a "
+            f"{type(processor).__name__}: convert the checkpoint again so that both are saved together."
+        )
+    collator_kwargs = {"trim_question": args.trim.trim_question, "max_length": training_args.model_max_length}
+    if args.data.system_prompt is not None:
+        collator_kwargs["system_prompt"] = args.data.system_prompt
+    if next_model:
+        collator_kwargs.update(conversation=conversation, image_grid_pinpoints=config.image_grid_pinpoints)
     else:
-        collator = LlavaTrimDataCollator(tokenizer, clip_tokenizer, image_processor, **collator_kwargs)
+        collator_kwargs["pad_to_square"] = args.data.pad_to_square
+    collator_class = LlavaNextTrimDataCollator if next_model else LlavaTrimDataCollator
+    if processor is not None:
+        collator = collator_class.from_processor(processor, **collator_kwargs)
+    else:
+        collator = collator_class(tokenizer, clip_tokenizer, image_processor, **collator_kwargs)
+    if next_model and collator.image_processor.image_grid_pinpoints != config.image_grid_pinpoints:
+        raise ValueError(
+            f"The image processor tiles at {collator.image_processor.image_grid_pinpoints} but the model at "
+            f"{config.image_grid_pinpoints}: use the image processor saved with the model."
+        )
 
     if training_args.deepspeed:
         import deepspeed
@@ -658,6 +817,7 @@ __all__ = [
     "LLAVA_V1_SYSTEM",
     "LORA_TARGET_MODULES",
     "LlavaConversationDataset",
+    "LlavaNextTrimDataCollator",
     "LlavaTrimDataCollator",
     "QUANTIZATION_SKIP_MODULES",
     "VICUNA_V1_SYSTEM",
@@ -669,6 +829,10 @@ __all__ = [
     "configure_trainable_parameters",
     "conversation_to_messages",
     "check_architecture_flags",
+    "check_layout_flags",
+    "is_llava_next",
+    "is_next_processor",
+    "parse_pinpoints",
     "load_preprocessing",
     "main",
     "parse_args",

@@ -29,7 +29,6 @@ from typing import Literal
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..configuration_llava_trim import parse_trim_ratio
-from ..processing_llava_trim import VICUNA_V1_SYSTEM
 from .cli import ExamplesHelpFormatter, examples_epilog
 from .recipes import DEEPSPEED_CONFIGS, FSDP_CONFIGS, RECIPES, config_path
 
@@ -75,10 +74,19 @@ class ModelArguments:
         default=None,
         metadata={"help": "LLaVA's pretrain-stage mm_projector.bin (or its folder, with its config.json)."},
     )
-    version: str = field(default="v1", metadata={"help": "LLaVA's conversation template: v1 (vicuna_v1)."})
+    version: str | None = field(
+        default=None,
+        metadata={
+            "help": "LLaVA's conversation template: v1 (vicuna_v1: LLaVA-1.5, llava-v1.6-vicuna) or mistral_instruct "
+            "(llava-v1.6-mistral). Default: the model's."
+        },
+    )
     mm_projector_type: str | None = field(default=None, metadata={"help": "LLaVA-1.5's is mlp2x_gelu."})
     mm_vision_select_layer: int | None = field(default=None, metadata={"help": "LLaVA-1.5's is -2."})
     mm_vision_select_feature: str | None = field(default=None, metadata={"help": "LLaVA-1.5's is patch."})
+    mm_patch_merge_type: str | None = field(
+        default=None, metadata={"help": "LLaVA-1.5's is flat, LLaVA-NeXT's spatial_unpad."}
+    )
     mm_use_im_start_end: bool = field(default=False, metadata={"help": "LLaVA-1.5 trains without them (False)."})
     mm_use_im_patch_token: bool = field(default=False, metadata={"help": "LLaVA-1.5 trains without it (False)."})
     mm_vision_token_reduce_func: str | None = field(
@@ -114,23 +122,36 @@ class DataArguments:
         default=None, metadata={"help": "LLaVA conversation JSON (a list of records, or JSON lines)."}
     )
     image_folder: str | None = field(default=None, metadata={"help": "Folder the records' image paths are in."})
-    image_aspect_ratio: str = field(
-        default="pad", metadata={"help": "pad: pad to a square with the mean colour (LLaVA-1.5); square: resize."}
+    image_aspect_ratio: str | None = field(
+        default=None,
+        metadata={
+            "help": "pad: pad to a square with the mean colour (LLaVA-1.5's default); square: resize; anyres: "
+            "LLaVA-NeXT's tiles (a LLaVA-NeXT model's only layout). Default: the model's."
+        },
+    )
+    image_grid_pinpoints: str | None = field(
+        default=None,
+        metadata={"help": "LLaVA-NeXT's tiling resolutions, e.g. \"[(336, 672), (672, 336), ...]\": the model's."},
     )
     lazy_preprocess: bool = field(default=True, metadata={"help": "Always lazy here (LLaVA's flag is accepted)."})
-    system_prompt: str = field(default=VICUNA_V1_SYSTEM, metadata={"help": "The system sentence of the template."})
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "The system sentence of the template. Default: the conversation's own (vicuna_v1's)."},
+    )
 
     def __post_init__(self):
         if self.data_path is None:
             raise ValueError("--data_path (or --data) is required: LLaVA's conversation JSON to train on.")
-        if self.image_aspect_ratio not in ("pad", "square"):
+        if self.image_aspect_ratio not in (None, "pad", "square", "anyres"):
             raise ValueError(
-                f"--image_aspect_ratio {self.image_aspect_ratio} is not supported: LLaVA-1.5 uses pad (or square)."
+                f"--image_aspect_ratio {self.image_aspect_ratio} is not supported: LLaVA-1.5 uses pad (or square), "
+                "LLaVA-NeXT anyres."
             )
 
     @property
     def pad_to_square(self) -> bool:
-        return self.image_aspect_ratio == "pad"
+        """LLaVA-1.5's padding to a square (its default, `pad`)."""
+        return self.image_aspect_ratio in (None, "pad")
 
 
 @dataclass
@@ -309,8 +330,9 @@ def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, TrimArguments, LlavaTrimTrainingArguments),
         prog="python -m llava_trim.tools.finetune",
-        description="Fine-tune LLaVA-1.5 with TRIM in the loop on LLaVA conversation data with transformers.Trainer, "
-        "with LLaVA's train.py flags. Run it with torchrun or accelerate launch for several processes or machines.",
+        description="Fine-tune LLaVA-1.5 or LLaVA-NeXT with TRIM in the loop on LLaVA conversation data with "
+        "transformers.Trainer, with LLaVA's train.py flags. Run it with torchrun or accelerate launch for several "
+        "processes or machines.",
         epilog=examples_epilog(EXAMPLE),
         formatter_class=ExamplesHelpFormatter,
     )

@@ -10,9 +10,11 @@ accelerate launch --num_processes 8 -m lmms_eval --model llava_trim --model_args
 ```
 
 `model_args`: `pretrained` (a converted folder or Hub id), `trim_ratio` (`-1`/`auto`: TRIM's automatic rule,
-`off`/`none`: plain LLaVA-1.5, or a keep ratio in (0, 1]), `batch_size`, `dtype` (`auto`, `float32`, `float16`,
-`bfloat16`), `device` (`auto`: the GPU of the process's local rank, else the CPU). Prompts are LLaVA-1.5's: the
-images first, then the task's text, in the processor's chat template (`vicuna_v1`).
+`off`/`none`: plain LLaVA-1.5 or LLaVA-NeXT, or a keep ratio in (0, 1]), `batch_size`, `dtype` (`auto`, `float32`,
+`float16`, `bfloat16`), `device` (`auto`: the GPU of the process's local rank, else the CPU). Prompts are LLaVA's: the
+images first, then the task's text, in the processor's chat template (`vicuna_v1`; `mistral_instruct` for
+llava-v1.6-mistral). A LLaVA-NeXT folder works the same way: its processor adds each image's `image_sizes`, which go
+to `generate` with the crops.
 """
 
 import json
@@ -38,7 +40,8 @@ def manifest() -> ModelManifest:
 
 
 class LlavaTrim(lmms):
-    """LLaVA-1.5 with TRIM for lmms-eval: batched `generate_until` over images and text, one model per process."""
+    """LLaVA-1.5 or LLaVA-NeXT with TRIM for lmms-eval: batched `generate_until` over images and text, one model per
+    process."""
 
     def __init__(
         self,
@@ -111,7 +114,7 @@ class LlavaTrim(lmms):
         return self._world_size
 
     def prompt(self, context: str, num_images: int) -> str:
-        """LLaVA-1.5's prompt: the images, then the task's text (its own `<image>` marks removed), as one user turn
+        """LLaVA's prompt: the images, then the task's text (its own `<image>` marks removed), as one user turn
         in the processor's chat template."""
         text = context.replace(IMAGE_PLACEHOLDER, "").strip() if num_images else context
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
