@@ -144,9 +144,9 @@ def build_tiny_clip(save_dir: str | Path, *, seed: int = 0, weights_format: str 
 
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
-    with torch.no_grad():
-        model.visual_projection.weight.normal_(std=1.0)
-        model.text_projection.weight.normal_(std=1.0)
+    with torch.no_grad():  # spread as `tiny.tiny_model` does: TRIM's probabilities stay distinct in float32
+        model.visual_projection.weight.normal_(std=0.15)
+        model.text_projection.weight.normal_(std=0.15)
     state_dict = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
 
     config.architectures = ["CLIPModel"]
