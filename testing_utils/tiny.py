@@ -60,10 +60,10 @@ def tiny_config(**overrides) -> LlavaTrimConfig:
     return LlavaTrimConfig(**fields)
 
 
-def tiny_model(seed: int = 0, **overrides) -> LlavaTrimForConditionalGeneration:
-    """A tiny randomly initialised model in float32 and eval mode, reproducible from `seed`."""
+def random_model(model_class: type, config, seed: int):
+    """`model_class(config)` randomly initialised from `seed`, in float32 and eval mode."""
     torch.manual_seed(seed)
-    model = LlavaTrimForConditionalGeneration(tiny_config(**overrides))
+    model = model_class(config)
     # spread the projections so that TRIM's scores vary across patches as they do in a trained CLIP (the automatic
     # mode keeps about a sixth of the patches) without underflowing float32's softmax: with a wider spread most
     # probabilities become exactly 0 and a fixed ratio would rank ties by patch index instead of by score
@@ -71,6 +71,11 @@ def tiny_model(seed: int = 0, **overrides) -> LlavaTrimForConditionalGeneration:
         model.model.trim_scorer.visual_projection.weight.normal_(std=0.15)
         model.model.trim_scorer.text_projection.weight.normal_(std=0.15)
     return model.eval()
+
+
+def tiny_model(seed: int = 0, **overrides) -> LlavaTrimForConditionalGeneration:
+    """A tiny randomly initialised model in float32 and eval mode, reproducible from `seed`."""
+    return random_model(LlavaTrimForConditionalGeneration, tiny_config(**overrides), seed)
 
 
 def native_llava_config(config: LlavaTrimConfig) -> LlavaConfig:
@@ -87,9 +92,14 @@ def native_llava_config(config: LlavaTrimConfig) -> LlavaConfig:
     )
 
 
-def native_llava(model: LlavaTrimForConditionalGeneration) -> LlavaForConditionalGeneration:
-    """The native transformers `LlavaForConditionalGeneration` holding the same LLaVA weights as `model`."""
-    native = LlavaForConditionalGeneration(native_llava_config(model.config)).to(model.dtype)
+def native_copy(model, native_class: type, native_config):
+    """`native_class(native_config)` holding `model`'s weights but TRIM's scorer, in eval mode."""
+    native = native_class(native_config).to(model.dtype)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.trim_scorer.")}
     native.load_state_dict(state, strict=True)
     return native.eval()
+
+
+def native_llava(model: LlavaTrimForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """The native transformers `LlavaForConditionalGeneration` holding the same LLaVA weights as `model`."""
+    return native_copy(model, LlavaForConditionalGeneration, native_llava_config(model.config))

@@ -426,6 +426,22 @@ def build_trim_llava(
     return save_dir
 
 
+def _llava_hf_preprocessing(save_dir: Path, llama_tokenizer_dir: Path | None) -> tuple[int, int, int]:
+    """Write the tokenizer (with `<image>` and `<pad>` added, padding on the left) and the CLIP image processor of a
+    llava-hf folder; return the `<image>` and `<pad>` ids and the vocabulary padded to a multiple of 64 rows."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        _copy_tokenizer(llama_tokenizer_dir, Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(save_dir)
+    image_token_id, pad_token_id = tokenizer.convert_tokens_to_ids(["<image>", "<pad>"])
+    build_clip_image_processor(save_dir)
+    return image_token_id, pad_token_id, 64 * math.ceil(len(tokenizer) / 64)
+
+
 def build_llava_hf(
     save_dir: str | Path,
     clip_dir: str | Path,
@@ -458,17 +474,7 @@ def build_llava_hf(
         `Path`: `save_dir`.
     """
     save_dir = Path(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        _copy_tokenizer(llama_tokenizer_dir, Path(tmp))
-        tokenizer = AutoTokenizer.from_pretrained(tmp)
-    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(save_dir)
-    image_token_id, pad_token_id = tokenizer.convert_tokens_to_ids(["<image>", "<pad>"])
-    vocab_size = 64 * math.ceil(len(tokenizer) / 64)
-    build_clip_image_processor(save_dir)
+    image_token_id, pad_token_id, vocab_size = _llava_hf_preprocessing(save_dir, llama_tokenizer_dir)
 
     clip_config = tiny_clip_config(AutoTokenizer.from_pretrained(clip_dir))
     text_config = LlamaConfig(**TINY_LLAMA_SOURCE, vocab_size=vocab_size, pad_token_id=pad_token_id)

@@ -9,7 +9,7 @@ from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from ..configuration_llava_trim import LlavaNextTrimConfig
 from ..modeling_llava_trim import LlavaNextTrimForConditionalGeneration
-from .tiny import TINY_CLIP_TEXT, TINY_IMAGE_TOKEN_ID, TINY_LLAMA, TINY_VISION
+from .tiny import TINY_CLIP_TEXT, TINY_IMAGE_TOKEN_ID, TINY_LLAMA, TINY_VISION, native_copy, random_model
 
 
 def tiny_next_config(**overrides) -> LlavaNextTrimConfig:
@@ -27,14 +27,7 @@ def tiny_next_config(**overrides) -> LlavaNextTrimConfig:
 
 def tiny_next_model(seed: int = 0, **overrides) -> LlavaNextTrimForConditionalGeneration:
     """A tiny randomly initialised LLaVA-NeXT model in float32 and eval mode, reproducible from `seed`."""
-    torch.manual_seed(seed)
-    model = LlavaNextTrimForConditionalGeneration(tiny_next_config(**overrides))
-    # spread the projections so that TRIM's scores vary across patches as they do in a trained CLIP, but without
-    # underflowing float32's softmax (scores spread over about 20 nats): every probability stays distinct
-    with torch.no_grad():
-        model.model.trim_scorer.visual_projection.weight.normal_(std=0.15)
-        model.model.trim_scorer.text_projection.weight.normal_(std=0.15)
-    return model.eval()
+    return random_model(LlavaNextTrimForConditionalGeneration, tiny_next_config(**overrides), seed)
 
 
 def native_llava_next_config(config: LlavaNextTrimConfig) -> LlavaNextConfig:
@@ -55,10 +48,7 @@ def native_llava_next_config(config: LlavaNextTrimConfig) -> LlavaNextConfig:
 
 def native_llava_next(model: LlavaNextTrimForConditionalGeneration) -> LlavaNextForConditionalGeneration:
     """The native transformers `LlavaNextForConditionalGeneration` holding the same weights as `model`."""
-    native = LlavaNextForConditionalGeneration(native_llava_next_config(model.config)).to(model.dtype)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.trim_scorer.")}
-    native.load_state_dict(state, strict=True)
-    return native.eval()
+    return native_copy(model, LlavaNextForConditionalGeneration, native_llava_next_config(model.config))
 
 
 def build_tiny_next_processor(save_dir=None, conversation: str = "vicuna_v1"):
@@ -182,36 +172,23 @@ def build_llava_next_hf(
     Returns:
         `Path`: `save_dir`.
     """
-    import math
-    import tempfile
     from pathlib import Path
 
-    from transformers import AddedToken, AutoTokenizer, LlamaConfig, MistralConfig
+    from transformers import AutoTokenizer, LlamaConfig, MistralConfig
 
     from .tiny_checkpoints import (
         TINY_LLAMA_SOURCE,
-        _copy_tokenizer,
         _llava_hf_legacy_name,
+        _llava_hf_preprocessing,
         _tiny_llama,
         _tiny_projector,
         _write_shards,
         load_clip_state_dict,
         tiny_clip_config,
     )
-    from .tiny_tokenizers import build_clip_image_processor
 
     save_dir = Path(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        _copy_tokenizer(llama_tokenizer_dir, Path(tmp))
-        tokenizer = AutoTokenizer.from_pretrained(tmp)
-    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(save_dir)
-    image_token_id, pad_token_id = tokenizer.convert_tokens_to_ids(["<image>", "<pad>"])
-    vocab_size = 64 * math.ceil(len(tokenizer) / 64)
-    build_clip_image_processor(save_dir)
+    image_token_id, pad_token_id, vocab_size = _llava_hf_preprocessing(save_dir, llama_tokenizer_dir)
 
     clip_config = tiny_clip_config(AutoTokenizer.from_pretrained(clip_dir))
     text_class = MistralConfig if language_model == "mistral" else LlamaConfig
