@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from test_generation_cache import logits_tolerance
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from llava_trim.testing_utils.tiny import TINY_IMAGE_TOKEN_ID, TINY_LLAMA, tiny_model
@@ -445,4 +446,7 @@ def test_command_line_lora_run_reloads_through_auto_classes_in_a_fresh_process(
     initial.load_state_dict(state)
     with torch.no_grad():
         expected = initial.eval()(**batch)
-    assert torch.equal(reloaded["logits"], expected.logits)  # the same weights and operations on the same machine
+    # the same weights (checked above, bit for bit) and operations, but another process may split and vectorise the
+    # float32 sums differently (thread pools, memory alignment): within the drift of a reordered float32 run
+    tolerance = logits_tolerance(initial, expected.logits, batch["input_ids"].shape[1])
+    assert (reloaded["logits"] - expected.logits).abs().max() <= tolerance
