@@ -95,7 +95,10 @@ def plain_numbers(*names: str):
     return decorate
 
 
-@plain_numbers("trim_ratio", "trim_iqr_multiplier", "projection_dim")
+PLAIN_NUMBER_FIELDS = ("trim_ratio", "trim_iqr_multiplier", "projection_dim")
+
+
+@plain_numbers(*PLAIN_NUMBER_FIELDS)
 @strict
 class LlavaTrimConfig(LlavaConfig):
     r"""
@@ -177,6 +180,7 @@ class LlavaTrimConfig(LlavaConfig):
 DEFAULT_IMAGE_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
+@plain_numbers(*PLAIN_NUMBER_FIELDS)  # `@strict` wraps each class's own assignment: convert again above it
 @strict
 class LlavaNextTrimConfig(LlavaTrimConfig):
     r"""

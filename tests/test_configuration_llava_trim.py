@@ -1,9 +1,12 @@
 """LlavaTrimConfig: defaults of LLaVA-1.5 + TRIM, validation, round trip."""
 
+import json
+
+import numpy as np
 import pytest
 from huggingface_hub.errors import StrictDataclassError
 
-from llava_trim.configuration_llava_trim import LlavaTrimConfig
+from llava_trim.configuration_llava_trim import LlavaNextTrimConfig, LlavaTrimConfig
 
 
 def test_defaults_are_llava_1_5_with_auto_trim():
@@ -49,3 +52,15 @@ def test_round_trip(tmp_path):
     assert (loaded.trim_ratio, loaded.trim_scope, loaded.projection_dim) == (0.21, "batch", 16)
     assert loaded.clip_text_config.to_dict() == config.clip_text_config.to_dict()
     assert loaded.auto_map["AutoConfig"] == "configuration_llava_trim.LlavaTrimConfig"
+
+
+@pytest.mark.parametrize("config_class", [LlavaTrimConfig, LlavaNextTrimConfig])
+def test_numpy_settings_are_stored_as_python_numbers_in_both_families(config_class):
+    config = config_class(trim_ratio=np.float32(0.25), trim_iqr_multiplier=np.float64(2.0))
+    assert type(config.trim_ratio) is float and config.trim_ratio == 0.25
+    assert type(config.trim_iqr_multiplier) is float and config.trim_iqr_multiplier == 2.0
+    config.trim_ratio = np.float64(0.5)
+    assert type(config.trim_ratio) is float and json.loads(config.to_json_string())["trim_ratio"] == 0.5
+    with pytest.raises(Exception, match="`trim_ratio` must be None"):
+        config.trim_ratio = np.float32(1.5)
+    assert config.trim_ratio == 0.5
