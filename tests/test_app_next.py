@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_app import MAX_NEW_TOKENS, QUESTION, drawn_picture, free_port
+from test_app import MAX_NEW_TOKENS, QUESTION, picture, server  # noqa: F401 (fixtures: the page on `loaded` below)
 
 gr = pytest.importorskip("gradio")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
@@ -25,22 +25,6 @@ def loaded(tmp_path_factory):
     build_tiny_next_processor(folder)
     tiny_next_model(seed=0).save_pretrained(folder)
     return trim_app.load_model_and_processor(str(folder), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def server(loaded, tmp_path_factory):
-    model, processor = loaded
-    chat = trim_app.TrimChat(model, processor, max_new_tokens=MAX_NEW_TOKENS)
-    demo = trim_app.build_app(chat, examples_folder=tmp_path_factory.mktemp("examples"))
-    port = free_port()
-    trim_app.launch(demo, "127.0.0.1", port, block=False)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-
-
-@pytest.fixture(scope="module")
-def picture(tmp_path_factory) -> Path:
-    return drawn_picture(tmp_path_factory.mktemp("pictures") / "ball.png")  # 400 x 300
 
 
 def reference(loaded, image_path: Path, trim_ratio):
@@ -71,7 +55,7 @@ def reference(loaded, image_path: Path, trim_ratio):
 
 
 @pytest.mark.parametrize(("mode", "trim_ratio"), [("auto", -1), ("0.25", 0.25), ("off", None)])
-def test_answer_endpoint_on_a_next_model(server, loaded, picture, mode, trim_ratio):
+def test_answer_endpoint_on_a_next_model(server, loaded, picture, mode, trim_ratio):  # noqa: F811
     from gradio_client import Client, handle_file
 
     client = Client(server, verbose=False)
@@ -98,7 +82,7 @@ def test_answer_endpoint_on_a_next_model(server, loaded, picture, mode, trim_rat
     assert overview.size == (336, 336) and grid_view.size == (448, 336)
 
 
-def test_count_is_this_images_candidates(loaded, picture):
+def test_count_is_this_images_candidates(loaded, picture):  # noqa: F811
     """ "kept / candidates": the overview's 576 patches and the unpadded grid's, the newlines not counted."""
     model, processor = loaded
     chat = trim_app.TrimChat(model, processor, max_new_tokens=MAX_NEW_TOKENS)
@@ -126,7 +110,7 @@ def test_a_large_upload_is_not_padded_to_llava_1_5s_square(loaded, tmp_path):
         trim_app.read_image(big, processor.image_processor)
 
 
-def test_bad_input_is_reported_as_messages_on_a_next_model(server, picture, tmp_path):
+def test_bad_input_is_reported_as_messages_on_a_next_model(server, picture, tmp_path):  # noqa: F811
     from gradio_client import Client, handle_file
 
     client = Client(server, verbose=False)

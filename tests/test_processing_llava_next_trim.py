@@ -1,10 +1,6 @@
 """LlavaNextTrimProcessor against native transformers `LlavaNextProcessor` and LLaVA's own conversation templates."""
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -12,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_processing_llava_trim import run_in_fresh_process
 from transformers import LlavaNextProcessor
 
 from llava_trim.processing_llava_trim import LlavaNextTrimProcessor, questions_from_messages
@@ -189,21 +186,7 @@ def fresh_process(tmp_path_factory):
     build_tiny_next_processor(folder, conversation="mistral_instruct")
     image_path = root / "bus.png"
     rng_image(500, 300, seed=7).save(image_path)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(root / "modules"), "PYTHONPATH": ""}
-    completed = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS_SCRIPT, str(folder), str(image_path), str(root / "inputs.pt")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULTS "))
-    results = json.loads(line[len("RESULTS ") :])
-    results["inputs"] = torch.load(root / "inputs.pt", weights_only=True)
-    results["image_path"] = image_path
-    return results
+    return run_in_fresh_process(FRESH_PROCESS_SCRIPT, root, folder, image_path)
 
 
 def test_loads_through_auto_classes_and_pipeline_in_a_fresh_process(fresh_process):

@@ -682,18 +682,12 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def fresh_process(tmp_path_factory, processor):
-    """Save a tiny model + processor, then load and use them only through `trust_remote_code` in a new process."""
-    root = tmp_path_factory.mktemp("fresh")
-    folder = root / "tiny-llava-trim"
-    tiny_model(seed=0).save_pretrained(folder)
-    build_tiny_processor(folder)
-    image_path = root / "bus.png"
-    rng_image(64, 48, seed=7).save(image_path)
+def run_in_fresh_process(script: str, root: Path, folder: Path, image_path: Path) -> dict:
+    """Run `script` on a converted `folder` and an image in a new Python process (its own module cache, no
+    PYTHONPATH): the `RESULTS ` line it prints, plus the inputs it saved and the image path."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(root / "modules"), "PYTHONPATH": ""}
     completed = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS_SCRIPT, str(folder), str(image_path), str(root / "inputs.pt")],
+        [sys.executable, "-c", script, str(folder), str(image_path), str(root / "inputs.pt")],
         capture_output=True,
         text=True,
         env=env,
@@ -706,6 +700,18 @@ def fresh_process(tmp_path_factory, processor):
     results["inputs"] = torch.load(root / "inputs.pt", weights_only=True)
     results["image_path"] = image_path
     return results
+
+
+@pytest.fixture(scope="module")
+def fresh_process(tmp_path_factory, processor):
+    """Save a tiny model + processor, then load and use them only through `trust_remote_code` in a new process."""
+    root = tmp_path_factory.mktemp("fresh")
+    folder = root / "tiny-llava-trim"
+    tiny_model(seed=0).save_pretrained(folder)
+    build_tiny_processor(folder)
+    image_path = root / "bus.png"
+    rng_image(64, 48, seed=7).save(image_path)
+    return run_in_fresh_process(FRESH_PROCESS_SCRIPT, root, folder, image_path)
 
 
 def test_save_load_round_trip_in_fresh_process(fresh_process, processor):
