@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 
-from test_app import free_port  # noqa: E402
+from test_app import drawn_picture, free_port  # noqa: E402
 
 QUESTION = "What is the colour of the ball?"
 REQUEST_SECONDS = 120  # no request may wait longer than this for its answer or refusal
@@ -30,15 +30,6 @@ START_SECONDS = 180  # the server loads the model and listens within this
 # The server's peak resident memory may grow by at most this much over its size after its first answer: the burst
 # holds 8 requests at once, decoded images included (a 40000 x 20 image built its 40000 x 40000 canvas before: 20 GB).
 PEAK_GROWTH_BYTES = 512 * 1024 * 1024
-
-
-def ball(path: Path) -> Path:
-    image = Image.new("RGB", (400, 300), (120, 180, 235))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((0, 200, 400, 300), fill=(60, 160, 60))
-    draw.ellipse((150, 120, 250, 220), fill=(220, 30, 30))
-    image.save(path)
-    return path
 
 
 def wide_strip(path: Path) -> Path:
@@ -122,7 +113,7 @@ def ask(address: str, image: Path, question: str, mode: str) -> tuple[str, objec
 def test_a_burst_of_requests_each_gets_its_answer_or_refusal(page, tmp_path):
     address, pid = page
     pictures = {
-        "ball": ball(tmp_path / "ball.png"),
+        "ball": drawn_picture(tmp_path / "ball.png"),
         "wide": wide_strip(tmp_path / "wide.png"),
         "huge": over_limit(tmp_path / "huge.png"),
         "text": tmp_path / "notes.png",
@@ -174,7 +165,7 @@ def test_a_burst_of_requests_each_gets_its_answer_or_refusal(page, tmp_path):
 
 def test_page_limits_are_refused_with_a_message(page, tmp_path):
     address, _ = page
-    picture = ball(tmp_path / "ball.png")
+    picture = drawn_picture(tmp_path / "ball.png")
     from llava_trim.tools import app
 
     outcome, message = ask(address, picture, "why? " * (app.MAX_QUESTION_CHARS // 5 + 1), "auto")

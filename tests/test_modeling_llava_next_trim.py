@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassError
+from test_modeling_llava_trim import questions
 from transformers.image_processing_utils import select_best_resolution
 
 from llava_trim.configuration_llava_trim import LlavaNextTrimConfig
 from llava_trim.modeling_llava_trim import LlavaTrimImageOutput
-from llava_trim.testing_utils.tiny import TINY_CLIP_TEXT, TINY_IMAGE_TOKEN_ID
+from llava_trim.testing_utils.tiny import TINY_IMAGE_TOKEN_ID
 from llava_trim.testing_utils.tiny_next import native_llava_next, tiny_next_model
 
 N, SIDE, CROP, PATCH = 576, 24, 336, 14
@@ -88,22 +89,6 @@ def pixels(sizes: list[tuple[int, int]], seed: int = 0) -> torch.Tensor:
         *_, (tiles_high, tiles_wide) = unpadded_grid(height, width)
         pixel_values[index, 1 + tiles_high * tiles_wide :] = 0
     return pixel_values
-
-
-def questions(num: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    eos = TINY_CLIP_TEXT["eos_token_id"]
-    rows = [
-        [TINY_CLIP_TEXT["bos_token_id"]] + torch.randint(0, 990, (3 + i,), generator=generator).tolist() + [eos]
-        for i in range(num)
-    ]
-    length = max(map(len, rows))
-    ids = torch.full((num, length), eos)
-    mask = torch.zeros((num, length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids, mask
 
 
 def inputs_for(sizes, seed=0, padding_side="left"):

@@ -1,14 +1,12 @@
 """LlavaNextTrimProcessor against native transformers `LlavaNextProcessor` and LLaVA's own conversation templates."""
 
-import importlib.util
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_processing_llava_trim import run_in_fresh_process
+from test_processing_llava_trim import llava_conversation_module, run_in_fresh_process
 from transformers import LlavaNextProcessor
 
 from llava_trim.processing_llava_trim import LlavaNextTrimProcessor, questions_from_messages
@@ -97,17 +95,6 @@ def test_best_resolution_follows_the_configured_pinpoints(processor):
 
 
 # ---------------------------------------------------------------------------------------------------- templates
-
-
-def llava_conversation_module():
-    """`llava.conversation` of LLaVA's own package, loaded on its own (the package's `__init__` imports its models)."""
-    spec = importlib.util.find_spec("llava")
-    assert spec is not None, "LLaVA's package is the reference: `pip install --no-deps llava-torch==1.2.2.post1`"
-    path = Path(spec.submodule_search_locations[0]) / "conversation.py"
-    module_spec = importlib.util.spec_from_file_location("llava_conversation", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize(
